@@ -1,0 +1,21 @@
+"""Exceptions with one-line, user-facing messages; the CLI prints them without a trace."""
+
+
+class PneumoError(Exception):
+    """Base class: an expected failure whose message tells the user what to fix."""
+
+
+class DataError(PneumoError):
+    """The dataset is missing, has the wrong layout, or a split/class is empty."""
+
+
+class ConfigError(PneumoError):
+    """A parameter or setting is invalid."""
+
+
+class ModelError(PneumoError):
+    """A model cannot be built (unknown name, missing weights file)."""
+
+
+class TrainingDiverged(PneumoError):
+    """Training produced a NaN or infinite loss; retrying the same config will not help."""

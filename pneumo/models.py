@@ -1,0 +1,214 @@
+"""The seed article's four architectures, in a registry of builders looked up by name."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from pneumo.errors import ModelError
+
+VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG16_FIRST_TRAINABLE = "block4_conv1"  # the seed fine-tunes blocks 4-5 and freezes 1-3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one candidate: the architecture and the seed's optimizer for it."""
+
+    name: str
+    builder: Callable[..., keras.Model]
+    optimizer: str
+    learning_rate: float
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+# Keras reads the global dtype policy when a layer is created; builds hold this lock so a
+# mixed-precision build in one thread cannot leak its policy into another thread's build.
+_POLICY_LOCK = threading.Lock()
+
+
+def register_model(
+    name: str, *, optimizer: str, learning_rate: float, description: str
+) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
+    """Decorator adding a builder ``(image_size, **kwargs) -> uncompiled keras.Model`` to the registry."""
+
+    def add(builder: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, optimizer, learning_rate, description)
+        return builder
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Names of the registered architectures, in the seed article's order."""
+    return list(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``.
+
+    Raises:
+        ModelError: unknown name; the message lists the valid ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def _inputs(image_size: int) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """Float 0..255 RGB input and its 1/255 rescaling, so callers feed raw decoded pixels."""
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    return inputs, layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+
+
+def _output(x: keras.KerasTensor) -> keras.KerasTensor:
+    # float32 output even under mixed precision: a float16 sigmoid saturates and its loss overflows.
+    return layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia_probability")(x)
+
+
+@register_model("dense", optimizer="sgd", learning_rate=0.01, description="Flatten → Dense 256-128-64-64")
+def dense(image_size: int, **_: object) -> keras.Model:
+    """The seed's fully connected baseline."""
+    inputs, x = _inputs(image_size)
+    x = layers.Flatten()(x)
+    for units in (256, 128, 64, 64):
+        x = layers.Dense(units, activation="relu")(x)
+    return keras.Model(inputs, _output(x), name="dense")
+
+
+@register_model("cnn", optimizer="adam", learning_rate=0.001, description="Conv32-Pool ×2 → Dense128")
+def cnn(image_size: int, **_: object) -> keras.Model:
+    """The seed's small CNN."""
+    inputs, x = _inputs(image_size)
+    for _block in range(2):
+        x = layers.Conv2D(32, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    return keras.Model(inputs, _output(x), name="cnn")
+
+
+@register_model(
+    "cnn_deep", optimizer="adam", learning_rate=0.001,
+    description="(Conv×2-Pool) 32/64/128 → Dense 1024-512-128 with dropout 0.3",
+)
+def cnn_deep(image_size: int, **_: object) -> keras.Model:
+    """The seed's deeper CNN with dropout (its best model)."""
+    inputs, x = _inputs(image_size)
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    for units in (1024, 512, 128):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _output(x), name="cnn_deep")
+
+
+def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
+    """Turn the ``vgg16_weights`` setting into a local file path (or None for random init).
+
+    Nothing is downloaded: ``"imagenet"`` means Keras's cache file, which must already exist.
+
+    Raises:
+        ModelError: the weights file is missing, naming the exact file expected.
+    """
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+        path = cache / VGG16_NOTOP_FILE
+        hint = f"place {VGG16_NOTOP_FILE} in {cache} or set vgg16_weights to its path"
+    else:
+        path = Path(weights).expanduser()
+        hint = f"expected the Keras no-top VGG16 weights file ({VGG16_NOTOP_FILE})"
+    if not path.is_file():
+        raise ModelError(f"VGG16 ImageNet weights not found at {path}: {hint} (nothing is downloaded)")
+    return str(path)
+
+
+@register_model(
+    "vgg16", optimizer="rmsprop", learning_rate=1e-5,
+    description="VGG16 (blocks 4-5 trainable) → Dense 512-128 with dropout 0.3",
+)
+def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object) -> keras.Model:
+    """The seed's VGG16 transfer model: ImageNet base without top, layers before block4 frozen."""
+    if image_size < 32:
+        raise ModelError(f"vgg16 needs image_size >= 32, got {image_size}")
+    inputs, x = _inputs(image_size)
+    base = keras.applications.VGG16(
+        include_top=False, weights=resolve_vgg16_weights(weights), input_shape=(image_size, image_size, 3)
+    )
+    trainable = False
+    for layer in base.layers:
+        trainable = trainable or layer.name == VGG16_FIRST_TRAINABLE
+        layer.trainable = trainable
+    x = base(x)
+    x = layers.Flatten()(x)
+    for units in (512, 128):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _output(x), name="vgg16")
+
+
+_OPTIMIZERS: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
+    "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr),
+    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
+    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
+}
+
+
+def build_model(
+    name: str,
+    image_size: int = 120,
+    *,
+    learning_rate: float | None = None,
+    vgg16_weights: str | Path | None = "imagenet",
+    mixed_precision: bool = False,
+    compile: bool = True,
+) -> keras.Model:
+    """Build one of the registered architectures, compiled with the seed's optimizer.
+
+    Args:
+        name: a name from :func:`list_models`.
+        image_size: square input side.
+        learning_rate: overrides the seed's learning rate for this model.
+        vgg16_weights: ``"imagenet"``, a weights file path, or ``None``/``"none"`` (random init).
+        mixed_precision: build with the ``mixed_float16`` policy (use on GPUs only).
+        compile: attach optimizer, binary cross-entropy and AUC/recall/precision metrics.
+
+    Raises:
+        ModelError: unknown name or missing VGG16 weights file.
+    """
+    spec = model_spec(name)
+    with _POLICY_LOCK:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+        try:
+            model = spec.builder(image_size, weights=vgg16_weights)
+        finally:
+            keras.config.set_dtype_policy(previous)
+    if compile:
+        rate = learning_rate if learning_rate is not None else spec.learning_rate
+        model.compile(
+            optimizer=_OPTIMIZERS[spec.optimizer](rate),
+            loss="binary_crossentropy",
+            metrics=[
+                keras.metrics.BinaryAccuracy(name="accuracy"),
+                keras.metrics.AUC(name="auc"),
+                keras.metrics.Recall(name="recall"),
+                keras.metrics.Precision(name="precision"),
+            ],
+        )
+    return model

@@ -1,0 +1,133 @@
+"""Train one candidate from a config: device selection, class weights, early stopping, NaN guard."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import tensorflow as tf
+
+from pneumo.config import TrainConfig
+from pneumo.errors import TrainingDiverged
+from pneumo.models import build_model
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    """A trained model with its per-epoch history and how fast it trained."""
+
+    name: str
+    model: keras.Model
+    history: dict[str, list[float]]
+    epochs_run: int
+    seconds: float
+    images_per_second: float
+    device: str
+    mixed_precision: bool
+    params: dict[str, object] = field(default_factory=dict)
+
+
+def gpu_count() -> int:
+    """Number of GPUs TensorFlow can see (0 on CPU-only machines and CI)."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def limit_cpu_threads(intra_op: int, inter_op: int = 2) -> bool:
+    """Cap TensorFlow's CPU thread pools so parallel candidates do not oversubscribe the cores.
+
+    TensorFlow fixes its pools when the runtime first starts, so this only works before any
+    op has run in the process; later calls change nothing and return False.
+    """
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, intra_op))
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, inter_op))
+        return True
+    except RuntimeError:
+        return False
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One progress line per epoch (Keras's own bar is unreadable in flow logs)."""
+
+    def __init__(self, name: str, epochs: int, log: Log) -> None:
+        super().__init__()
+        self._name, self._epochs, self._log = name, epochs, log
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        shown = " ".join(f"{key}={value:.4f}" for key, value in sorted((logs or {}).items())
+                         if key in ("loss", "val_loss", "auc", "val_auc", "val_recall"))
+        self._log(f"[{self._name}] epoch {epoch + 1}/{self._epochs} {shown} "
+                  f"({time.perf_counter() - self._started:.1f}s)")
+
+
+def train_candidate(
+    name: str,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    config: TrainConfig,
+    *,
+    train_images: int,
+    class_weight: dict[int, float] | None = None,
+    log: Log = print,
+) -> TrainResult:
+    """Build and fit one registered model.
+
+    On a GPU with ``config.mixed_precision`` the model computes in float16 (output in float32);
+    on CPU it trains unchanged in float32. ``keras.utils.set_random_seed`` is process-wide, so
+    runs are reproducible when candidates train one per process (as on Dask/Prefect workers).
+
+    Args:
+        name: registered model name.
+        train_ds: batched, augmented training data.
+        val_ds: batched validation data (for per-epoch validation metrics and early stopping).
+        config: epochs, image size, seed, early stopping, mixed precision, weights.
+        train_images: number of training images (for images/s).
+        class_weight: loss weights per label, or None.
+        log: where progress lines go.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+        ModelError: unknown model or missing VGG16 weights.
+    """
+    gpus = gpu_count()
+    mixed = bool(config.mixed_precision and gpus)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(
+        name, config.image_size, learning_rate=config.learning_rate,
+        vgg16_weights=config.vgg16_weights, mixed_precision=mixed,
+    )
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.TerminateOnNaN(), _EpochLog(name, config.epochs, log),
+    ]
+    if config.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience, restore_best_weights=True))
+    device = "GPU" if gpus else "CPU"
+    log(f"[{name}] training {config.epochs} epochs at {config.image_size}px on {device}"
+        f"{' with mixed precision' if mixed else ''}")
+    started = time.perf_counter()
+    fit = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                    class_weight=class_weight if config.class_weights else None, verbose=0)
+    seconds = time.perf_counter() - started
+    history = {key: [float(v) for v in values] for key, values in fit.history.items()}
+    losses = history.get("loss", [])
+    if not losses or not all(math.isfinite(v) for v in losses):
+        raise TrainingDiverged(f"{name}: training loss became NaN/inf at epoch {len(losses)}; "
+                               "lower the learning rate or check the inputs")
+    epochs_run = len(losses)
+    return TrainResult(
+        name=name, model=model, history=history, epochs_run=epochs_run, seconds=seconds,
+        images_per_second=train_images * epochs_run / seconds if seconds else 0.0,
+        device=device, mixed_precision=mixed,
+        params={"model": name, "epochs_run": epochs_run, "device": device, "mixed_precision": mixed,
+                "trainable_params": int(sum(int(w.numpy().size) for w in model.trainable_weights))},
+    )

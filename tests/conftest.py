@@ -1,0 +1,5 @@
+"""Shared pytest set-up: each real-server harness lives in its own plugin module."""
+
+pytest_plugins = [
+    "tests.plugins.s3",
+]
