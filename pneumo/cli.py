@@ -1,0 +1,208 @@
+"""The ``pneumo`` command line: thin argument parsing over the library; heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pneumo.config import MODEL_NAMES, DemoConfig, TrainConfig
+from pneumo.errors import PneumoError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up banner buries our progress lines; errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _progress(label: str) -> Callable[[int, int], None] | None:
+    """A one-line progress counter on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r{label}: {done}/{total} ({100 * done // max(total, 1)}%)", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """TrainConfig from flags; unset flags keep the base config's values."""
+    overrides = {
+        key: value
+        for key, value in {
+            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
+            "seed": args.seed, "learning_rate": args.learning_rate, "vgg16_weights": args.vgg16_weights,
+            "recall_target": args.recall_target, "score_weight": args.score_weight,
+            "val_fraction": args.val_fraction,
+            "class_weights": False if args.no_class_weights else None,
+            "early_stopping": True if args.early_stopping else None,
+            "augment": False if args.no_augment else None,
+        }.items()
+        if value is not None
+    }
+    return TrainConfig.model_validate({**(base or TrainConfig()).model_dump(), **overrides})
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--learning-rate", type=float, help="override every model's seed learning rate")
+    parser.add_argument("--vgg16-weights", help="'imagenet' (Keras cache file), a .h5 path, or 'none'")
+    parser.add_argument("--recall-target", type=float, help="validation recall the threshold must keep")
+    parser.add_argument("--score-weight", type=float, help="w in (w*recall + specificity)/(w+1)")
+    parser.add_argument("--val-fraction", type=float, help="share of train patients held out")
+    parser.add_argument("--no-class-weights", action="store_true")
+    parser.add_argument("--early-stopping", action="store_true")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(".pneumo/runs"), help="where plots and metrics go")
+    parser.add_argument("--json", action="store_true", help="print machine-readable results")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pneumo.synthetic import generate_dataset
+
+    report = generate_dataset(Path(args.out), seed=args.seed, scale=args.scale, image_kind=args.image_size,
+                              progress=_progress("generating"))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"wrote {report.to_dict().get('images', '?')} images to {args.out}")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from pneumo.data import assign_subsets, build_manifest
+    from pneumo.pipeline import data_report
+
+    manifest = build_manifest(args.data, progress=_progress("checking images"))
+    report = data_report(manifest, assign_subsets(manifest.frame, args.val_fraction, args.seed))
+    if args.csv:
+        manifest.frame.to_csv(args.csv, index=False)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{report['images']} images, {report['patients']} patients")
+        for subset, counts in report["subsets"].items():
+            print(f"  {subset:<11}" + "  ".join(f"{label} {count}" for label, count in counts.items()))
+        for reason, count in report["skipped"].items():
+            print(f"  skipped {count} ({reason})")
+    return 0
+
+
+def _train_and_rank(models: Sequence[str], data_dir: Path, config: TrainConfig, out: Path, as_json: bool) -> int:
+    _quiet_tensorflow()
+    from pneumo.pipeline import best_candidate, format_leaderboard, leaderboard, prepare_data, run_candidate
+
+    data = prepare_data(data_dir, config, log=_log)
+    subsets = ", ".join(f"{s} {sum(c.values())}" for s, c in data.report["subsets"].items())
+    _log(f"dataset: {subsets}; class weights {({k: round(v, 2) for k, v in data.class_weight.items()})}")
+    results = [run_candidate(name, data, config, out, log=_log) for name in models]
+    best = best_candidate(results)
+    if as_json:
+        _print_json({"data": data.report, "candidates": [r.summary() for r in results],
+                     "best": best.name if best else None})
+    else:
+        print(format_leaderboard(leaderboard(results)))
+        print("score = (w·recall + specificity)/(w+1) on validation at the tuned threshold; other columns on test")
+        print(f"best: {best.name} (score {best.score:.3f})" if best else "best: none (every candidate failed)")
+    return 0 if best else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    models = list(MODEL_NAMES) if args.model == "all" else args.model.split(",")
+    from pneumo.models import model_spec  # fails fast on a bad name, before data work
+
+    for name in models:
+        model_spec(name)
+    return _train_and_rank(models, args.data, _train_config(args), args.out, args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demo = DemoConfig()
+    data_dir = args.data or demo.data_dir
+    if not (data_dir / "chest_xray").is_dir():
+        from pneumo.synthetic import generate_dataset
+
+        _log(f"generating the demo dataset in {data_dir} (scale {demo.scale}) ...")
+        generate_dataset(data_dir, seed=0, scale=demo.scale, image_kind=demo.image_kind,
+                         progress=_progress("generating"))
+    return _train_and_rank(demo.models, data_dir, _train_config(args, demo.train), args.out, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="generate a chest X-ray-like dataset in the Kaggle layout")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scale", type=float, default=0.05, help="fraction of the real dataset's counts")
+    synth.add_argument("--image-size", choices=("small", "real"), default="small",
+                       help="small: ~48-96 px (tests); real: ~900-2000 px like the Kaggle images")
+    synth.add_argument("--json", action="store_true")
+    synth.set_defaults(handler=_cmd_synth)
+
+    manifest = sub.add_parser("manifest", help="validate a local dataset and report its counts")
+    manifest.add_argument("data", type=Path, help="folder holding chest_xray/")
+    manifest.add_argument("--val-fraction", type=float, default=0.15)
+    manifest.add_argument("--seed", type=int, default=42)
+    manifest.add_argument("--csv", type=Path, help="also write the manifest as CSV")
+    manifest.add_argument("--json", action="store_true")
+    manifest.set_defaults(handler=_cmd_manifest)
+
+    train = sub.add_parser("train", help="train candidates on a local dataset and print a leaderboard")
+    train.add_argument("model", help=f"one of {', '.join(MODEL_NAMES)}, a comma list, or 'all'")
+    train.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/")
+    _add_train_flags(train)
+    train.set_defaults(handler=_cmd_train)
+
+    demo = sub.add_parser("demo", help="train the four seed models on a generated dataset (minutes on CPU)")
+    demo.add_argument("--data", type=Path, help="dataset folder (generated if it has no chest_xray/)")
+    _add_train_flags(demo)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; expected failures print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PneumoError as error:
+        print(f"pneumo: error: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        print(f"pneumo: error: invalid parameter: {problems}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"pneumo: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pneumo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
