@@ -33,7 +33,8 @@ class TrainConfig(BaseModel):
     score_weight: float = Field(2.0, ge=0, le=100, description="w in (w*recall + specificity)/(w+1).")
     vgg16_weights: str = Field(
         "imagenet",
-        description="'imagenet' (Keras cache file), a path to the no-top .h5 file, or 'none'.",
+        description="'imagenet' (Keras cache file), 'auto' (that file if present, else random), "
+        "a path to the no-top .h5 file, or 'none'.",
     )
 
     @field_validator("vgg16_weights")
@@ -54,7 +55,7 @@ class DemoConfig(BaseModel):
     image_kind: Literal["small", "real"] = "small"
     models: tuple[str, ...] = MODEL_NAMES
     train: TrainConfig = TrainConfig(
-        image_size=64, batch_size=32, epochs=4, vgg16_weights="none", early_stopping=False
+        image_size=64, batch_size=32, epochs=4, vgg16_weights="auto", early_stopping=False
     )
 
 

@@ -26,6 +26,7 @@ class ModelSpec:
     optimizer: str
     learning_rate: float
     description: str
+    min_image_size: int
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -35,14 +36,14 @@ _POLICY_LOCK = threading.Lock()
 
 
 def register_model(
-    name: str, *, optimizer: str, learning_rate: float, description: str
+    name: str, *, optimizer: str, learning_rate: float, description: str, min_image_size: int = 16
 ) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
     """Decorator adding a builder ``(image_size, **kwargs) -> uncompiled keras.Model`` to the registry."""
 
     def add(builder: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, optimizer, learning_rate, description)
+        _REGISTRY[name] = ModelSpec(name, builder, optimizer, learning_rate, description, min_image_size)
         return builder
 
     return add
@@ -101,6 +102,7 @@ def cnn(image_size: int, **_: object) -> keras.Model:
 @register_model(
     "cnn_deep", optimizer="adam", learning_rate=0.001,
     description="(Conv×2-Pool) 32/64/128 → Dense 1024-512-128 with dropout 0.3",
+    min_image_size=36,  # three (conv, conv, pool) stages need 36 px to leave a 1×1 map
 )
 def cnn_deep(image_size: int, **_: object) -> keras.Model:
     """The seed's deeper CNN with dropout (its best model)."""
@@ -119,16 +121,20 @@ def cnn_deep(image_size: int, **_: object) -> keras.Model:
 def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
     """Turn the ``vgg16_weights`` setting into a local file path (or None for random init).
 
-    Nothing is downloaded: ``"imagenet"`` means Keras's cache file, which must already exist.
+    Nothing is downloaded: ``"imagenet"`` means Keras's cache file, which must already exist;
+    ``"auto"`` uses that file when present and random initialisation otherwise.
 
     Raises:
         ModelError: the weights file is missing, naming the exact file expected.
     """
     if weights is None or str(weights).lower() == "none":
         return None
-    if str(weights).lower() == "imagenet":
+    spec = str(weights).lower()
+    if spec in ("imagenet", "auto"):
         cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
         path = cache / VGG16_NOTOP_FILE
+        if spec == "auto" and not path.is_file():
+            return None  # the demo's choice: ImageNet when the file is at hand, else random init
         hint = f"place {VGG16_NOTOP_FILE} in {cache} or set vgg16_weights to its path"
     else:
         path = Path(weights).expanduser()
@@ -141,11 +147,10 @@ def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
 @register_model(
     "vgg16", optimizer="rmsprop", learning_rate=1e-5,
     description="VGG16 (blocks 4-5 trainable) → Dense 512-128 with dropout 0.3",
+    min_image_size=32,  # Keras's VGG16 refuses smaller inputs
 )
 def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object) -> keras.Model:
     """The seed's VGG16 transfer model: ImageNet base without top, layers before block4 frozen."""
-    if image_size < 32:
-        raise ModelError(f"vgg16 needs image_size >= 32, got {image_size}")
     inputs, x = _inputs(image_size)
     base = keras.applications.VGG16(
         include_top=False, weights=resolve_vgg16_weights(weights), input_shape=(image_size, image_size, 3)
@@ -184,7 +189,7 @@ def build_model(
         name: a name from :func:`list_models`.
         image_size: square input side.
         learning_rate: overrides the seed's learning rate for this model.
-        vgg16_weights: ``"imagenet"``, a weights file path, or ``None``/``"none"`` (random init).
+        vgg16_weights: ``"imagenet"``, ``"auto"``, a weights file path, or ``None``/``"none"``.
         mixed_precision: build with the ``mixed_float16`` policy (use on GPUs only).
         compile: attach optimizer, binary cross-entropy and AUC/recall/precision metrics.
 
@@ -192,6 +197,8 @@ def build_model(
         ModelError: unknown name or missing VGG16 weights file.
     """
     spec = model_spec(name)
+    if image_size < spec.min_image_size:
+        raise ModelError(f"{name} needs image_size >= {spec.min_image_size}, got {image_size}")
     with _POLICY_LOCK:
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,8 +116,12 @@ def train_candidate(
     log(f"[{name}] training {config.epochs} epochs at {config.image_size}px on {device}"
         f"{' with mixed precision' if mixed else ''}")
     started = time.perf_counter()
-    fit = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                    class_weight=class_weight if config.class_weights else None, verbose=0)
+    with warnings.catch_warnings():
+        # Our datasets are finite and pre-shuffled; Keras warns about both on every epoch.
+        warnings.filterwarnings("ignore", message=".*ran out of data.*")
+        warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                        class_weight=class_weight if config.class_weights else None, verbose=0)
     seconds = time.perf_counter() - started
     history = {key: [float(v) for v in values] for key, values in fit.history.items()}
     losses = history.get("loss", [])

@@ -1,5 +1,6 @@
 """Shared pytest set-up: each real-server harness lives in its own plugin module."""
 
 pytest_plugins = [
+    "tests.plugins.data",
     "tests.plugins.s3",
 ]
