@@ -19,3 +19,15 @@ class ModelError(PneumoError):
 
 class TrainingDiverged(PneumoError):
     """Training produced a NaN or infinite loss; retrying the same config will not help."""
+
+
+class TrackingError(PneumoError):
+    """The MLflow tracking server is unreachable or misconfigured (message names the URI)."""
+
+
+class ServingError(PneumoError):
+    """The served model got an input it cannot score (message names the offending item)."""
+
+
+class PromotionError(PneumoError):
+    """A registry operation (promote, rollback, champion lookup) cannot proceed."""

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.plugins.data",
     "tests.plugins.s3",
+    "tests.plugins.mlflow_server",
 ]

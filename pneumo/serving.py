@@ -1,0 +1,343 @@
+"""The pyfunc model downstream apps pull: images in, pneumonia probability and label out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pneumo.errors import ServingError
+from pneumo.layout import CLASSES
+
+KERAS_ARTIFACT = "keras_model"
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS: tuple[str, ...] = ("probability", "label")
+CHUNK = 64  # images per model call: bounds memory for large requests
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Distributions the served model imports; pinned to what logged it so a fresh env matches.
+_REQUIREMENTS: tuple[tuple[str, ...], ...] = (
+    ("mlflow", "mlflow-skinny"), ("tensorflow", "tensorflow-cpu"), ("keras",), ("numpy",),
+    ("pandas",), ("pillow",),
+)
+
+
+class InvalidImageError(ServingError, MlflowException):
+    """An input item is not a scorable image.
+
+    Also an ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` so a scoring server answers
+    HTTP 400 with this message instead of a 500 with a TensorFlow trace.
+    """
+
+    def __init__(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ----------------------------------------------------------------------------- inputs
+def _items(model_input: Any) -> list[Any]:
+    """Flatten the accepted container types into one list of per-image items."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN in model_input.columns:
+            column = model_input[INPUT_COLUMN]
+        elif len(model_input.columns) == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise InvalidImageError(
+                f"expected one column (or a column named {INPUT_COLUMN!r}) of images, "
+                f"got columns {list(map(str, model_input.columns))}"
+            )
+        return list(column)
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, dict):
+        if set(model_input) != {INPUT_COLUMN}:
+            raise InvalidImageError(f"expected a dict with the key {INPUT_COLUMN!r}, got {sorted(model_input)}")
+        return _items(model_input[INPUT_COLUMN])
+    if isinstance(model_input, (bytes, bytearray, memoryview, str)):
+        return [model_input]
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype.kind in "OSUa" and model_input.ndim == 1:
+            return list(model_input)
+        if model_input.dtype.kind in "OSUa" and model_input.ndim == 2 and model_input.shape[1] == 1:
+            return list(model_input[:, 0])  # the REST ``inputs`` form of one column
+        if model_input.dtype.kind in "uif":
+            # (H, W) gray and (H, W, C) with C in 1/3/4 are one image; (N, H, W[, C]) a batch.
+            single = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4))
+            return [model_input] if single else list(model_input)
+        raise InvalidImageError(f"unsupported array of dtype {model_input.dtype} and shape {model_input.shape}")
+    if isinstance(model_input, (list, tuple)):
+        return list(model_input)
+    raise InvalidImageError(
+        f"unsupported input type {type(model_input).__name__}: pass a list/DataFrame of encoded "
+        "JPEG/PNG bytes, base64 strings, or pixel arrays"
+    )
+
+
+def _png_from_array(array: np.ndarray, index: int) -> bytes:
+    """Losslessly encode a pixel array so it goes through the very same decode path as files."""
+    import tensorflow as tf
+
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise InvalidImageError(f"item {index}: array of shape {array.shape} is not an image "
+                                "(expected H×W gray or H×W×1/3/4)")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise InvalidImageError(f"item {index}: empty image array of shape {array.shape}")
+    if array.dtype.kind not in "uif":
+        raise InvalidImageError(f"item {index}: array dtype {array.dtype} is not numeric pixels")
+    if array.dtype != np.uint8:
+        if not np.all(np.isfinite(array)):
+            raise InvalidImageError(f"item {index}: array contains NaN or infinity")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise InvalidImageError(f"item {index}: pixel values must be 0..255, got {low:g}..{high:g}")
+        array = np.rint(array).astype(np.uint8)
+    return bytes(tf.io.encode_png(array).numpy())
+
+
+def _encoded(item: Any, index: int) -> bytes:
+    """One item as encoded JPEG/PNG bytes, or an error naming the item."""
+    if isinstance(item, str):
+        # Strings are how binary data travels in JSON (MLflow's REST format): base64.
+        try:
+            item = base64.b64decode(item.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImageError(f"item {index}: a string must be base64-encoded JPEG/PNG bytes") from None
+    elif isinstance(item, (bytearray, memoryview, np.bytes_)):
+        item = bytes(item)
+    elif isinstance(item, (list, tuple)):  # nested lists from JSON: a pixel array
+        try:
+            item = np.asarray(item, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidImageError(f"item {index}: nested list is not a rectangular pixel array") from None
+    if isinstance(item, np.ndarray):
+        return _png_from_array(item, index)
+    if not isinstance(item, bytes):
+        raise InvalidImageError(
+            f"item {index}: unsupported type {type(item).__name__} (expected bytes, base64 str or array)"
+        )
+    if not item:
+        raise InvalidImageError(f"item {index}: empty bytes")
+    if not (item.startswith(_JPEG_MAGIC) or item.startswith(_PNG_MAGIC)):
+        raise InvalidImageError(f"item {index}: not a JPEG or PNG image (starts with {item[:8]!r})")
+    return item
+
+
+def as_encoded_images(model_input: Any) -> list[bytes]:
+    """Normalize any accepted input to a list of encoded JPEG/PNG images.
+
+    Accepted: a DataFrame with one column (or an ``image`` column), a Series, list/tuple, or 1-D
+    object array whose items are JPEG/PNG ``bytes``, base64 strings, or pixel arrays (H×W gray,
+    H×W×1/3/4, values 0..255, any size); a single bytes/str item; a numeric array holding one
+    image or a batch ``(N, H, W[, C])``.
+
+    Raises:
+        InvalidImageError: naming the first offending item's index.
+    """
+    items = _items(model_input)
+    if not items:
+        raise InvalidImageError("no images in the input")
+    return [_encoded(item, index) for index, item in enumerate(items)]
+
+
+def preprocess(encoded: Sequence[bytes], image_size: int) -> np.ndarray:
+    """Decode a batch exactly as training does (``data.decode_image`` in a tf.data map).
+
+    Args:
+        encoded: JPEG/PNG bytes (already checked by :func:`as_encoded_images`).
+        image_size: the model's square input side.
+
+    Returns:
+        float32 array ``(n, image_size, image_size, 3)`` of 0..255 values.
+
+    Raises:
+        InvalidImageError: an item has a valid header but cannot be decoded (names the index).
+    """
+    import tensorflow as tf
+
+    from pneumo.data import decode_image
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded), dtype=tf.string))
+        .map(lambda data: decode_image(data, image_size), num_parallel_calls=tf.data.AUTOTUNE,
+             deterministic=True)
+        .batch(max(1, len(encoded)))
+    )
+    try:
+        return next(iter(dataset)).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError):
+        pass
+    # The batch failed somewhere: decode one by one to name the culprit.
+    for index, data in enumerate(encoded):
+        try:
+            decode_image(data, image_size)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError) as error:
+            raise InvalidImageError(f"item {index}: cannot decode image ({_tf_reason(error)})") from None
+    raise InvalidImageError("the batch could not be decoded")  # pragma: no cover - defensive
+
+
+def _tf_reason(error: Exception) -> str:
+    """TensorFlow's message without its graph-node prefix and op suffix."""
+    text = str(getattr(error, "message", "") or error).splitlines()[0]
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    return text.split(" [Op:")[0].strip()[:160] or type(error).__name__
+
+
+def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Output frame: ``probability`` (float) and ``label`` (PNEUMONIA when ≥ threshold)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
+    labels = np.where(probabilities >= threshold, CLASSES[1], CLASSES[0])
+    return pd.DataFrame({"probability": probabilities, "label": labels.astype(object)})
+
+
+# ----------------------------------------------------------------------------- the pyfunc
+class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
+    """Keras model + tuned threshold + image size, behind MLflow's pyfunc interface."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the Keras file and read ``threshold``/``image_size`` from the model config."""
+        import keras
+
+        config = context.model_config or {}
+        self.threshold = float(config["threshold"])
+        self.image_size = int(config["image_size"])
+        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+
+    def predict_probabilities(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Pneumonia probabilities for encoded images, in chunks of :data:`CHUNK`."""
+        outputs = []
+        for start in range(0, len(encoded), CHUNK):
+            pixels = preprocess(encoded[start:start + CHUNK], self.image_size)
+            outputs.append(np.asarray(self.model.predict_on_batch(pixels), dtype=np.float64).ravel())
+        return np.concatenate(outputs)
+
+    # model_input is deliberately unannotated: MLflow would try to derive a schema from the hint.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+        """Score a batch of images.
+
+        Args:
+            context: MLflow's context (unused; everything is loaded in ``load_context``).
+            model_input: see :func:`as_encoded_images` for the accepted forms.
+            params: unused.
+
+        Returns:
+            DataFrame with one row per image: ``probability`` and ``label`` (NORMAL/PNEUMONIA).
+
+        Raises:
+            InvalidImageError: an item is not an image; the message names its index.
+        """
+        encoded = as_encoded_images(model_input)
+        return label_frame(self.predict_probabilities(encoded), self.threshold)
+
+
+# ----------------------------------------------------------------------------- logging
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the served model, from the versions installed here."""
+    pins = []
+    for names in _REQUIREMENTS:
+        for name in names:
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return pins
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
+    # arrays; predict() validates every item itself and names the bad one.
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+    )
+
+
+def example_image(image_size: int = 32) -> bytes:
+    """A small gray PNG used as the logged input example."""
+    import tensorflow as tf
+
+    ramp = np.linspace(0, 255, image_size * image_size, dtype=np.float64).reshape(image_size, image_size, 1)
+    return bytes(tf.io.encode_png(ramp.astype(np.uint8)).numpy())
+
+
+def log_serving_model(
+    run_id: str,
+    model: Any,
+    *,
+    threshold: float,
+    image_size: int,
+    candidate: str,
+    name: str = "serving_model",
+) -> Any:
+    """Log the pyfunc model to a run (explicit run id: safe from concurrent threads).
+
+    Args:
+        run_id: the candidate's run.
+        model: the trained ``keras.Model`` (input float32 0..255, sigmoid output).
+        threshold: decision threshold tuned on validation.
+        image_size: the model's square input side.
+        candidate: architecture name, stored in the model config.
+        name: logged-model name inside the run.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
+    """
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
+        keras_file = Path(tmp) / "model.keras"
+        model.save(keras_file)
+        config = {"threshold": float(threshold), "image_size": int(image_size),
+                  "candidate": candidate, "classes": list(CLASSES)}
+        example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
+        return Model.log(
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=PneumoniaClassifier(),
+            artifacts={KERAS_ARTIFACT: str(keras_file)},
+            model_config=config,
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=_signature(),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata={"pneumo": json.dumps(config)},
+        )
+
+
+def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str) -> Path:
+    """Save the pyfunc model to a local folder (for tests and offline use); see :func:`log_serving_model`."""
+    with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
+        keras_file = Path(tmp) / "model.keras"
+        model.save(keras_file)
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=PneumoniaClassifier(),
+            artifacts={KERAS_ARTIFACT: str(keras_file)},
+            model_config={"threshold": float(threshold), "image_size": int(image_size),
+                          "candidate": candidate, "classes": list(CLASSES)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=_signature(),
+            pip_requirements=pip_requirements(),
+        )
+    return Path(path)

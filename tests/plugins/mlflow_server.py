@@ -1,0 +1,139 @@
+"""A real ``mlflow server`` on 127.0.0.1: sqlite backend in tmp, artifacts proxied to the S3 test server.
+
+Fixtures:
+    mlflow_server (session): a running server; see :class:`MlflowServer`. Tests share it, so
+        each should use its own experiment and registered-model names (``unique_name``).
+    mlflow_uri (function): the server's URI, also set as ``MLFLOW_TRACKING_URI`` for the test.
+    unique_name (function): ``unique_name("prefix")`` → a name no other test uses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.plugins.s3 import free_port
+
+
+def mlflow_executable() -> str:
+    """The ``mlflow`` console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / "mlflow"
+    return str(candidate) if candidate.exists() else "mlflow"
+
+
+def wait_http(url: str, process: subprocess.Popen[Any], timeout: float, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log tail if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"server exited with code {process.returncode} before {url} answered:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Terminate a server process (and its workers) and wait for it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+class MlflowServer:
+    """An ``mlflow server`` subprocess.
+
+    Attributes:
+        uri: ``http://127.0.0.1:PORT`` (the tracking and registry URI).
+        artifacts_destination: where the server stores artifacts (``s3://bucket/mlartifacts``).
+        log: the server's combined stdout/stderr file.
+    """
+
+    def __init__(self, process: subprocess.Popen[Any], port: int, artifacts_destination: str, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.artifacts_destination = artifacts_destination
+        self.log = log
+
+    @classmethod
+    def start(
+        cls, workdir: Path, artifacts_destination: str, env: dict[str, str], *, workers: int = 2,
+        attempts: int = 3,
+    ) -> MlflowServer:
+        """Start the server on a free port and wait until ``/health`` answers."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        last: Exception | None = None
+        for attempt in range(attempts):
+            port = free_port()
+            log = workdir / f"mlflow-server-{attempt}.log"
+            command = [
+                mlflow_executable(), "server",
+                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                "--artifacts-destination", artifacts_destination,
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+            ]
+            with log.open("wb") as sink:
+                process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                           env={**os.environ, **env}, cwd=workdir, start_new_session=True)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", process, timeout=120, log=log)
+                return cls(process, port, artifacts_destination, log)
+            except RuntimeError as error:  # e.g. the port was taken between free_port() and bind
+                last = error
+                stop_process(process)
+        raise RuntimeError(f"could not start mlflow server: {last}")
+
+    def stop(self) -> None:
+        """Terminate the server."""
+        stop_process(self.process)
+
+
+if "pytest" in sys.modules:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterator[MlflowServer]:
+        """One MLflow server for the session, artifacts in a bucket on the moto S3 server."""
+        bucket = s3_server.make_bucket("mlflow")
+        env = {
+            **s3_server.env,
+            "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            # Keep the server's own outbound S3 calls from reading a developer's ~/.aws files.
+            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+        server = MlflowServer.start(tmp_path_factory.mktemp("mlflow-server"), f"s3://{bucket}/mlartifacts", env)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    @pytest.fixture
+    def mlflow_uri(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> str:
+        """The shared server's URI, set as the process-wide MLflow tracking URI for this test."""
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+        mlflow.set_tracking_uri(mlflow_server.uri)
+        return mlflow_server.uri
+
+    @pytest.fixture
+    def unique_name() -> Callable[[str], str]:
+        """Factory of names unique to this test (experiments, registered models)."""
+        return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:10]}"
