@@ -279,13 +279,13 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
                 blob = np.exp(-(((x - bx) ** 2 + ((y - by) / 1.3) ** 2) / (2 * sigma**2)))
                 opacity = np.maximum(opacity, blob)
             texture = 0.6 + 0.8 * _smooth_noise(ir, 10, img.shape)
-            img += 0.6 * strength * opacity * texture * lungs
+            img += 0.8 * strength * opacity * texture * lungs
         else:
             # Viral: diffuse, bilateral, faint interstitial patches, denser near the hila.
             patches = np.clip(_smooth_noise(ir, 7, img.shape) - 0.35, 0, None)
             reticular = _smooth_noise(ir, 22, img.shape)
             hilar = np.exp(-((np.abs(x) - 0.2) ** 2) / 0.08)
-            img += strength * (0.7 * patches + 0.1 * reticular) * (0.5 + 0.5 * hilar) * lungs
+            img += strength * (0.9 * patches + 0.14 * reticular) * (0.5 + 0.5 * hilar) * lungs
     elif ir.random() < 0.3:
         # Benign look-alikes on some normals: an ECG lead, a faint haze, soft-tissue shadows.
         kind = int(ir.integers(0, 3))
