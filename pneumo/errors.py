@@ -31,3 +31,7 @@ class ServingError(PneumoError):
 
 class PromotionError(PneumoError):
     """A registry operation (promote, rollback, champion lookup) cannot proceed."""
+
+
+class StorageError(PneumoError):
+    """A dataset source cannot be read or cached (bad URI, unreachable endpoint, denied, changed)."""
