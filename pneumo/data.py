@@ -133,7 +133,8 @@ def build_manifest(
     root = find_dataset_root(root)
     keys: list[ImageKey] = []
     skipped: list[Skipped] = []
-    for directory, dirnames, filenames in os.walk(root / "chest_xray"):
+    # Walk the whole root, not just chest_xray/, so the zip's __MACOSX/ clutter is reported too.
+    for directory, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for filename in sorted(filenames):
             relative = (Path(directory) / filename).relative_to(root).as_posix()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pneumo.config import TrainConfig
@@ -127,6 +128,10 @@ def train_candidate(
     losses = history.get("loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TrainingDiverged(f"{name}: training loss became NaN/inf at epoch {len(losses)}; "
+                               "lower the learning rate or check the inputs")
+    # The loss can stay finite while weights go NaN (ReLU maps NaN to 0, the loss clips its input).
+    if not all(np.all(np.isfinite(weight.numpy())) for weight in model.trainable_weights):
+        raise TrainingDiverged(f"{name}: weights became NaN/inf during training; "
                                "lower the learning rate or check the inputs")
     epochs_run = len(losses)
     return TrainResult(

@@ -1,0 +1,60 @@
+"""Training learns the generated signal; divergence is reported; a candidate run yields all outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pneumo.config import TrainConfig
+from pneumo.errors import TrainingDiverged
+from pneumo.pipeline import best_candidate, format_leaderboard, leaderboard, prepare_data, run_candidate
+from pneumo.train import train_candidate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cnn_result(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    config = TrainConfig(image_size=40, batch_size=16, epochs=5, seed=7)
+    data = prepare_data(small_dataset, config, log=lambda _: None)
+    return run_candidate("cnn", data, config, tmp_path_factory.mktemp("runs"), log=print)
+
+
+def test_cnn_learns_the_generated_signal(cnn_result) -> None:
+    assert cnn_result.status == "ok", cnn_result.error
+    assert cnn_result.validation["roc_auc"] > 0.75
+    assert cnn_result.test["roc_auc"] > 0.7
+    assert cnn_result.history["loss"][-1] < cnn_result.history["loss"][0]
+
+
+def test_candidate_run_reports_metrics_threshold_and_artifacts(cnn_result) -> None:
+    assert cnn_result.validation["recall"] >= 0.95  # the tuned threshold keeps the target
+    assert cnn_result.test_at_05["threshold"] == 0.5
+    assert 0 < cnn_result.score <= 1
+    assert set(cnn_result.history) >= {"loss", "val_loss", "auc", "val_auc"}
+    for name in ("confusion_matrix", "roc", "pr", "training_curves", "metrics"):
+        assert Path(cnn_result.artifacts[name]).stat().st_size > 0
+    table = format_leaderboard(leaderboard([cnn_result]))
+    assert "cnn" in table and f"{cnn_result.score:.3f}" in table
+
+
+def test_nan_loss_is_reported_as_divergence() -> None:
+    images = tf.data.Dataset.from_tensor_slices(
+        (np.full((8, 40, 40, 3), np.nan, np.float32), np.ones(8, np.float32))).batch(4)
+    config = TrainConfig(image_size=40, epochs=3, class_weights=False)
+    with pytest.raises(TrainingDiverged, match="NaN"):
+        train_candidate("cnn", images, images, config, train_images=8, log=lambda _: None)
+
+
+def test_failed_candidate_is_recorded_and_others_rank(small_dataset: Path, tmp_path: Path, cnn_result) -> None:
+    config = TrainConfig(image_size=40, epochs=1, vgg16_weights=str(tmp_path / "missing.h5"))
+    data = prepare_data(small_dataset, config, log=lambda _: None)
+    failed = run_candidate("vgg16", data, config, tmp_path, log=lambda _: None)
+    assert failed.status == "failed" and "missing.h5" in failed.error
+    assert best_candidate([failed, cnn_result]) is cnn_result
+    assert best_candidate([failed]) is None
+    table = leaderboard([failed, cnn_result])
+    assert table["model"].tolist() == ["cnn", "vgg16"] and table["status"][1].startswith("failed")
