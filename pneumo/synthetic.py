@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,6 @@ class SynthReport:
     patients: int
     ds_store_files: int
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings).
@@ -95,7 +94,6 @@ class SynthReport:
             "ds_store_files": self.ds_store_files,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / self.seconds, 1) if self.seconds > 0 else None,
-            **self.extra,
         }
 
 
@@ -259,7 +257,7 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
     ax = np.abs(x)
     phase = rib_freq * (y + 0.3 * ax - rib_curve * ax**2)
     ribs = (np.cos(np.pi * phase) ** 2) ** 6
-    img += 0.09 * ribs * (0.3 + lungs) * body * np.clip((ax - 0.05) / 0.1, 0, 1)
+    img += 0.07 * ribs * (0.3 + lungs) * body * np.clip((ax - 0.05) / 0.1, 0, 1)
     # Clavicles: two bright oblique bands at the top.
     clav = np.exp(-(((y + 0.78 + 0.12 * ax - 0.15 * ax**2) / 0.035) ** 2)) * np.clip(1 - ax / 0.8, 0, 1)
     img += 0.12 * clav * body
@@ -279,13 +277,16 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
                 blob = np.exp(-(((x - bx) ** 2 + ((y - by) / 1.3) ** 2) / (2 * sigma**2)))
                 opacity = np.maximum(opacity, blob)
             texture = 0.6 + 0.8 * _smooth_noise(ir, 10, img.shape)
-            img += 0.8 * strength * opacity * texture * lungs
+            raw = 1.2 * strength * opacity * texture * lungs
         else:
             # Viral: diffuse, bilateral, faint interstitial patches, denser near the hila.
             patches = np.clip(_smooth_noise(ir, 7, img.shape) - 0.35, 0, None)
             reticular = _smooth_noise(ir, 22, img.shape)
             hilar = np.exp(-((np.abs(x) - 0.2) ** 2) / 0.08)
-            img += strength * (0.9 * patches + 0.14 * reticular) * (0.5 + 0.5 * hilar) * lungs
+            raw = strength * (1.3 * patches + 0.2 * reticular) * (0.5 + 0.5 * hilar) * lungs
+        # Soft saturation: dense consolidation fills the air space up to soft-tissue level, not bone-white.
+        cap = 1.6 * lung_dark
+        img += cap * (1.0 - np.exp(-raw / cap))
     elif ir.random() < 0.3:
         # Benign look-alikes on some normals: an ECG lead, a faint haze, soft-tissue shadows.
         kind = int(ir.integers(0, 3))
