@@ -79,6 +79,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    if args.out.startswith("s3://") or args.to:
+        return _synth_to_s3(args)
     from pneumo.synthetic import generate_dataset
 
     report = generate_dataset(Path(args.out), seed=args.seed, scale=args.scale, image_kind=args.image_size,
@@ -87,6 +89,57 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
     else:
         print(f"wrote {report.to_dict().get('images', '?')} images to {args.out}")
+    return 0
+
+
+def _synth_to_s3(args: argparse.Namespace) -> int:
+    """``pneumo synth s3://...`` (generate in a temp folder) or ``synth OUT --to s3://...``; then upload."""
+    import tempfile
+
+    from pneumo.errors import StorageError
+    from pneumo.storage import parse_source, upload_tree
+    from pneumo.synthetic import generate_dataset
+
+    target = args.to or args.out
+    dest = parse_source(target)  # a bad URI fails before minutes of generation
+    if dest.scheme != "s3":
+        raise StorageError(f"upload target must be an s3:// URI, got {target!r}")
+    with tempfile.TemporaryDirectory(prefix="pneumo-synth-") as scratch:
+        local = Path(scratch) if target == args.out else Path(args.out)
+        report = generate_dataset(local, seed=args.seed, scale=args.scale, image_kind=args.image_size,
+                                  progress=_progress("generating"))
+        upload = upload_tree(local / "chest_xray", f"s3://{dest.bucket}/{dest.base}chest_xray",
+                             endpoint_url=args.endpoint_url, progress=_progress("uploading"))
+    if args.json:
+        _print_json({**report.to_dict(), "upload": upload.to_dict()})
+    else:
+        print(f"wrote {report.images} images; uploaded {upload.uploaded} files "
+              f"({upload.unchanged} unchanged) to {target}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pneumo.config import Settings
+    from pneumo.storage import sync
+
+    cache = args.cache or Settings().home / "cache"
+    result = sync(args.source, cache, endpoint_url=args.endpoint_url, workers=args.workers,
+                  progress=_progress("ingesting"))
+    if args.csv:
+        result.frame.to_csv(args.csv, index=False)
+    report = result.report
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(f"{report.images} images from {report.source}: {report.downloaded} downloaded "
+          f"({report.bytes_downloaded} bytes), {report.reused} reused, {report.removed} removed, "
+          f"{len(report.skipped)} skipped in {report.seconds:.1f} s")
+    for split, counts in report.counts.items():
+        print(f"  {split:<6}" + "  ".join(f"{label} {count}" for label, count in counts.items()))
+    for reason, count in report.skipped_by_reason().items():
+        print(f"  skipped {count} ({reason})")
+    print(f"fingerprint {result.fingerprint}")
+    print(f"dataset folder {result.root}")
     return 0
 
 
@@ -155,13 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="generate a chest X-ray-like dataset in the Kaggle layout")
-    synth.add_argument("out", help="output folder")
+    synth.add_argument("out", help="output folder, or s3://bucket/prefix to generate and upload")
+    synth.add_argument("--to", metavar="S3_URI", help="also upload the generated dataset to s3://bucket/prefix")
+    synth.add_argument("--endpoint-url", help="S3 endpoint (MinIO); default PNEUMO_S3_ENDPOINT_URL/AWS_ENDPOINT_URL_S3")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--scale", type=float, default=0.05, help="fraction of the real dataset's counts")
     synth.add_argument("--image-size", choices=("small", "real"), default="small",
                        help="small: ~48-96 px (tests); real: ~900-2000 px like the Kaggle images")
     synth.add_argument("--json", action="store_true")
     synth.set_defaults(handler=_cmd_synth)
+
+    ingest = sub.add_parser("ingest", help="sync a dataset from s3://bucket/prefix (or a folder) into a local cache")
+    ingest.add_argument("source", help="s3://bucket/prefix, file:///path or a folder holding chest_xray/")
+    ingest.add_argument("--cache", type=Path, help="local cache folder (default PNEUMO_HOME/cache)")
+    ingest.add_argument("--endpoint-url", help="S3 endpoint (MinIO); default PNEUMO_S3_ENDPOINT_URL/AWS_ENDPOINT_URL_S3")
+    ingest.add_argument("--workers", type=int, default=16, help="parallel downloads")
+    ingest.add_argument("--csv", type=Path, help="also write the manifest as CSV")
+    ingest.add_argument("--json", action="store_true", help="print the ingest report as JSON")
+    ingest.set_defaults(handler=_cmd_ingest)
 
     manifest = sub.add_parser("manifest", help="validate a local dataset and report its counts")
     manifest.add_argument("data", type=Path, help="folder holding chest_xray/")

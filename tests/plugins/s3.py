@@ -36,7 +36,9 @@ TEST_CREDENTIALS: dict[str, str] = {
     "AWS_SECRET_ACCESS_KEY": "pneumo-test-secret-key",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-FAULT_KINDS: tuple[str, ...] = ("503", "500", "drop", "truncate")
+FAULT_KINDS: tuple[str, ...] = ("503", "500", "drop", "truncate")  # what a flaky store does
+# "corrupt" (a GET body with one byte flipped, same length) is opt-in: only content checks catch it.
+ALL_FAULT_KINDS: tuple[str, ...] = (*FAULT_KINDS, "corrupt")
 
 
 def free_port() -> int:
@@ -167,7 +169,8 @@ class FaultProxy:
             fail_rate: share of requests (with a method in ``methods``) that get a fault.
             latency_ms: delay added before forwarding every request.
             faults: kinds to draw from: "503", "500" (error replies), "drop" (connection closed
-                without a reply), "truncate" (GET bodies cut in half, then the connection closed).
+                without a reply), "truncate" (GET bodies cut in half, then the connection closed),
+                "corrupt" (GET body with one byte flipped; not in the default set).
             methods: HTTP methods that may get faults.
             seed: seeds the fault draws.
             deny: requests whose path contains this text get a permanent 403 AccessDenied.
@@ -239,7 +242,7 @@ class _ProxyServer(ThreadingHTTPServer):
             if method not in self.methods or not self.faults or self.rng.random() >= self.fail_rate:
                 return None
             fault = self.rng.choice(self.faults)
-            if fault == "truncate" and method != "GET":
+            if fault in ("truncate", "corrupt") and method != "GET":
                 fault = "drop"
             self.counts[fault] += 1
             return fault
@@ -341,6 +344,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        if fault == "corrupt" and data and status == 200:
+            flip = len(data) // 2
+            data = data[:flip] + bytes([data[flip] ^ 0xFF]) + data[flip + 1 :]
         if fault == "truncate" and len(data) > 1:
             self.wfile.write(data[: len(data) // 2])  # headers promised more: the client sees a cut body
             self.wfile.flush()
