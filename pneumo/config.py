@@ -76,3 +76,45 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works."
     )
+
+
+class RetrainParams(BaseModel):
+    """The retraining flow's one parameter (validated by Prefect for ``deployment run --param``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(".pneumo/demo-data", description="s3://bucket/prefix, file:// URI or local folder.")
+    candidates: list[Literal["dense", "cnn", "cnn_deep", "vgg16"]] = Field(
+        default_factory=lambda: list(MODEL_NAMES), min_length=1, description="Models to train."
+    )
+    epochs: int = Field(20, ge=1, le=500)
+    image_size: int = Field(120, ge=32, le=512)
+    batch_size: int = Field(32, ge=1, le=1024)
+    seed: int = Field(42, ge=0)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    early_stopping: bool = False
+    vgg16_weights: str = "imagenet"
+    recall_target: float = Field(0.95, gt=0, le=1, description="Validation recall the threshold keeps.")
+    score_weight: float = Field(2.0, ge=0, le=100)
+    min_recall: float = Field(0.95, ge=0, le=1, description="Promotion floor on test recall.")
+    min_specificity: float = Field(0.0, ge=0, le=1, description="Promotion floor on test specificity.")
+    margin: float = Field(0.0, ge=-1, le=1, description="Score the challenger must beat the champion by.")
+    registered_model: str = Field("pneumonia-classifier", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
+    min_images_per_class: int = Field(2, ge=1, description="Fail early below this per subset and class.")
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"candidates must not repeat: {value}")
+        return value
+
+    def train_config(self) -> TrainConfig:
+        """The shared training config every candidate uses."""
+        return TrainConfig(
+            image_size=self.image_size, batch_size=self.batch_size, epochs=self.epochs, seed=self.seed,
+            val_fraction=self.val_fraction, early_stopping=self.early_stopping,
+            vgg16_weights=self.vgg16_weights, recall_target=self.recall_target, score_weight=self.score_weight,
+        )

@@ -146,29 +146,45 @@ def build_manifest(
     if not keys:
         raise DataError(f"no dataset images found under {root / 'chest_xray'}")
 
-    rows: list[dict[str, object]] = []
+    frame = pd.DataFrame(
+        [{"path": k.path, "split": k.split, "label": k.label, "patient_id": k.patient_id,
+          "bytes": (root / k.path).stat().st_size} for k in keys]
+    )
+    checked = validate_images(root, frame, workers=workers, progress=progress)
+    return Manifest(frame=checked.frame, skipped=skipped + checked.skipped)
+
+
+def validate_images(
+    root: Path,
+    frame: pd.DataFrame,
+    *,
+    workers: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Decode-check every image of a manifest frame (e.g. one synced from object storage).
+
+    Args:
+        root: folder the frame's paths are relative to.
+        frame: rows with at least ``path``, ``split``, ``label``, ``patient_id``, ``bytes``.
+        workers: threads decoding images (PIL releases the GIL while decoding).
+        progress: called with (done, total).
+
+    Returns:
+        The good rows, with ``width`` and ``height`` filled in, and the bad ones in ``skipped``.
+    """
+    verdicts: list[tuple[int, int] | str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for done, (key, verdict) in enumerate(
-            zip(keys, pool.map(lambda k: inspect_image(root / k.path), keys)), start=1
-        ):
-            if isinstance(verdict, str):
-                skipped.append(Skipped(key.path, verdict))
-            else:
-                rows.append(
-                    {
-                        "path": key.path,
-                        "split": key.split,
-                        "label": key.label,
-                        "patient_id": key.patient_id,
-                        "bytes": (root / key.path).stat().st_size,
-                        "width": verdict[0],
-                        "height": verdict[1],
-                    }
-                )
+        for done, verdict in enumerate(pool.map(lambda p: inspect_image(Path(root) / p), frame["path"]), 1):
+            verdicts.append(verdict)
             if progress is not None:
-                progress(done, len(keys))
-    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    return Manifest(frame=frame.sort_values("path", ignore_index=True), skipped=skipped)
+                progress(done, len(frame))
+    good = [not isinstance(v, str) for v in verdicts]
+    result = frame.loc[good].copy()
+    result["width"] = [v[0] for v in verdicts if not isinstance(v, str)]
+    result["height"] = [v[1] for v in verdicts if not isinstance(v, str)]
+    skipped = [Skipped(path, v) for path, v in zip(frame["path"], verdicts) if isinstance(v, str)]
+    columns = list(MANIFEST_COLUMNS) + [c for c in result.columns if c not in MANIFEST_COLUMNS]
+    return Manifest(frame=result[columns].sort_values("path", ignore_index=True), skipped=skipped)
 
 
 def assign_subsets(frame: pd.DataFrame, val_fraction: float = 0.15, seed: int = 42) -> pd.DataFrame:

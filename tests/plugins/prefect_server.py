@@ -1,0 +1,82 @@
+"""A real ``prefect server`` on 127.0.0.1 for the session, with its own PREFECT_HOME in tmp.
+
+Fixtures:
+    prefect_server (session): a running server; ``.api_url`` and ``.env`` (what a CLI call,
+        worker or flow needs to talk to it).
+    prefect_api (function): sets PREFECT_API_URL (and friends) for in-process flow runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.plugins.mlflow_server import stop_process, wait_http
+from tests.plugins.s3 import free_port
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` console script next to the running interpreter."""
+    candidate = Path(sys.executable).parent / "prefect"
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+class PrefectServer:
+    """A ``prefect server start`` subprocess."""
+
+    def __init__(self, process: subprocess.Popen[Any], port: int, home: Path, log: Path) -> None:
+        self.process = process
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.home = home
+        self.log = log
+        self.env = {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+
+    @classmethod
+    def start(cls, home: Path) -> PrefectServer:
+        """Start on a free port and wait for ``/api/health``."""
+        home.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        log = home / "server.log"
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_UI_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True)
+        wait_http(f"http://127.0.0.1:{port}/api/health", process, timeout=180, log=log)
+        return cls(process, port, home, log)
+
+    def stop(self) -> None:
+        """Terminate the server."""
+        stop_process(self.process)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One Prefect server for the session."""
+    server = PrefectServer.start(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefect_api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> PrefectServer:
+    """Point in-process flow runs at the session's server."""
+    for key, value in prefect_server.env.items():
+        monkeypatch.setenv(key, value)
+    return prefect_server
