@@ -177,8 +177,11 @@ def _submit_candidates(params: RetrainParams, manifest: list[Record], parent_run
     """Submit one training task per candidate; on Dask each asks for one GPU resource."""
     import contextlib
 
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
     annotate: Any = contextlib.nullcontext()
-    if os.environ.get("PNEUMO_DASK_ADDRESS"):
+    if context is not None and type(context.task_runner).__name__ == "DaskTaskRunner":
         import dask
 
         # Workers started with `--resources GPU=1` run one candidate each, never two on one GPU.

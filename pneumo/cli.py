@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pneumo.config import MODEL_NAMES, DemoConfig, TrainConfig
+from pneumo.config import MODEL_NAMES, TrainConfig
 from pneumo.errors import PneumoError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -190,21 +190,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _train_and_rank(models, args.data, _train_config(args), args.out, args.json)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    demo = DemoConfig()
-    data_dir = args.data or demo.data_dir
-    if not (data_dir / "chest_xray").is_dir():
-        from pneumo.synthetic import generate_dataset
-
-        _log(f"generating the demo dataset in {data_dir} (scale {demo.scale}) ...")
-        generate_dataset(data_dir, seed=0, scale=demo.scale, image_kind=demo.image_kind,
-                         progress=_progress("generating"))
-    return _train_and_rank(demo.models, data_dir, _train_config(args, demo.train), args.out, args.json)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pneumo", description="Train and retrain pneumonia-vs-normal chest X-ray classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="generate a chest X-ray-like dataset in the Kaggle layout")
@@ -241,10 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
     train.set_defaults(handler=_cmd_train)
 
-    demo = sub.add_parser("demo", help="train the four seed models on a generated dataset (minutes on CPU)")
-    demo.add_argument("--data", type=Path, help="dataset folder (generated if it has no chest_xray/)")
-    _add_train_flags(demo)
-    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -266,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pneumo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pneumo ... --json | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
