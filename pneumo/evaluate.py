@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve, p
 from pneumo.layout import CLASSES
 
 METRIC_KEYS: tuple[str, ...] = (
-    "accuracy", "precision", "recall", "specificity", "f1", "f2", "roc_auc", "pr_auc",
+    "accuracy", "precision", "recall", "specificity", "f1", "f2", "youden_j", "roc_auc", "pr_auc",
 )
 
 
@@ -42,6 +42,7 @@ def confusion_metrics(tn: int, fp: int, fn: int, tp: int) -> dict[str, float]:
         "specificity": _ratio(tn, tn + fp),
         "f1": f_beta(precision, recall, 1.0),
         "f2": f_beta(precision, recall, 2.0),
+        "youden_j": recall + _ratio(tn, tn + fp) - 1.0,
     }
 
 

@@ -24,6 +24,7 @@ def test_seed_article_numbers(matrix, accuracy, recall, specificity) -> None:
     assert round(100 * metrics["accuracy"], 2) == accuracy
     assert round(100 * metrics["recall"], 2) == recall
     assert round(100 * metrics["specificity"], 2) == specificity
+    assert metrics["youden_j"] == pytest.approx(metrics["recall"] + metrics["specificity"] - 1)
 
 
 def test_f2_weighs_recall_over_precision() -> None:
