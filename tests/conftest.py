@@ -3,6 +3,6 @@
 pytest_plugins = [
     "tests.plugins.data",
     "tests.plugins.s3",
-    "tests.plugins.prefect_server",
     "tests.plugins.mlflow_server",
+    "tests.plugins.prefect_server",
 ]
