@@ -1,5 +1,5 @@
 # The pneumo worker image: the project (library + flows) installed, run as a
-# non-root user. One image serves four roles:
+# non-root user. One image serves three roles:
 #   * the compose stack's Prefect worker (default CMD: a process worker polling
 #     pneumo-process; flow runs execute inside this container and its GPUs),
 #   * the flow-run container of the Docker pool pneumo-gpu-docker and the pod
@@ -76,4 +76,4 @@ EXPOSE 8080 8786 8787
 CMD ["prefect", "worker", "start", \
      "--pool", "pneumo-process", "--type", "process", \
      "--base-job-template", "/opt/pneumo/deployments/process.json", \
-     "--with-healthcheck"]
+     "--limit", "1", "--with-healthcheck"]

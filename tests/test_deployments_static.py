@@ -1,0 +1,429 @@
+"""Static checks of prefect.yaml and the work-pool templates in deployments/ (no Prefect server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from pneumo.config import RetrainParams
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "prefect.yaml"
+GPU_YAML = ROOT / "deployments" / "gpu.prefect.yaml"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+DEPLOYMENTS_README = ROOT / "deployments" / "README.md"
+
+# Work pools fixed for the project: name -> (type, base job template).
+POOLS = {
+    "pneumo-process": ("process", ROOT / "deployments" / "process.json"),
+    "pneumo-gpu-docker": ("docker", ROOT / "deployments" / "gpu-docker.json"),
+    "pneumo-gpu-k8s": ("kubernetes", ROOT / "deployments" / "gpu-k8s.json"),
+}
+ENTRYPOINT = "flows/retrain.py:retrain"
+WEEKLY_CRON = "0 3 * * 1"
+# Fields of RetrainParams, the flow's one parameter `params`.
+RETRAIN_FIELDS = set(RetrainParams.model_fields)
+IMAGE_REPO_DIR = "/opt/pneumo"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML file (anchors resolved).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The document.
+    """
+    return yaml.safe_load(path.read_text())
+
+
+def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The deployments of a prefect.yaml document keyed by name.
+
+    Args:
+        doc: Parsed prefect.yaml.
+
+    Returns:
+        Name -> deployment.
+    """
+    deployments = doc.get("deployments")
+    if not isinstance(deployments, list):
+        return {}
+    return {d["name"]: d for d in deployments if isinstance(d, dict) and "name" in d}
+
+
+def prefect_yaml_problems(doc: dict[str, Any]) -> list[str]:
+    """What is wrong with prefect.yaml against the project's fixed deployment names and policy.
+
+    Args:
+        doc: Parsed prefect.yaml.
+
+    Returns:
+        One message per problem.
+    """
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    problems = []
+    try:
+        PrefectYamlModel.model_validate(doc)
+    except Exception as exc:  # pydantic's ValidationError: report, do not raise
+        problems.append(f"prefect.yaml does not validate: {exc}")
+    deployments = by_name(doc)
+    for name in ("retrain-weekly", "retrain-on-demand"):
+        deployment = deployments.get(name)
+        if deployment is None:
+            problems.append(f"deployment {name} is missing")
+            continue
+        if deployment.get("entrypoint") != ENTRYPOINT:
+            problems.append(f"{name}: entrypoint is {deployment.get('entrypoint')!r}, not {ENTRYPOINT}")
+        pool = (deployment.get("work_pool") or {}).get("name")
+        if pool != "pneumo-process":
+            problems.append(f"{name}: work pool is {pool!r}, not pneumo-process")
+        if deployment.get("concurrency_limit") != 1:
+            problems.append(f"{name}: concurrency_limit must be 1")
+        params = (deployment.get("parameters") or {}).get("params")
+        if not isinstance(params, dict):
+            problems.append(f"{name}: parameters.params must be a mapping")
+        elif unknown := set(params) - RETRAIN_FIELDS:
+            problems.append(f"{name}: unknown RetrainParams fields {sorted(unknown)}")
+    weekly = deployments.get("retrain-weekly", {})
+    schedules = weekly.get("schedules") or []
+    if [(s.get("cron"), s.get("timezone"), s.get("active", True)) for s in schedules] != [
+        (WEEKLY_CRON, "UTC", True)
+    ]:
+        problems.append(f"retrain-weekly: schedules must be one active cron {WEEKLY_CRON!r} in UTC, got {schedules}")
+    if deployments.get("retrain-on-demand", {}).get("schedules"):
+        problems.append("retrain-on-demand must have no schedule")
+    return problems
+
+
+def default_values(template: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of a base job template's variables.
+
+    Args:
+        template: A base job template.
+
+    Returns:
+        Variable name -> default, for variables that have one.
+    """
+    return {
+        name: spec["default"]
+        for name, spec in template["variables"]["properties"].items()
+        if "default" in spec
+    }
+
+
+def render(template: dict[str, Any], values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill a base job template with its defaults (and overrides), as a worker does.
+
+    Args:
+        template: A base job template.
+        values: Job variables that override the defaults.
+
+    Returns:
+        The job configuration.
+    """
+    from prefect.utilities.templating import apply_values
+
+    variables = {**default_values(template), **(values or {})}
+    return apply_values(copy.deepcopy(template["job_configuration"]), variables)
+
+
+def template_problems(name: str, pool_type: str, template: dict[str, Any]) -> list[str]:
+    """Validate a base job template the way the Prefect API does on `work-pool create`.
+
+    Args:
+        name: Pool name.
+        pool_type: Pool type.
+        template: The base job template.
+
+    Returns:
+        One message per problem.
+    """
+    from prefect.server.schemas.actions import WorkPoolCreate
+
+    problems = []
+    try:
+        WorkPoolCreate(name=name, type=pool_type, base_job_template=template)
+    except Exception as exc:
+        problems.append(f"{name}: rejected by the API schema: {exc}")
+    for variable, spec in template["variables"]["properties"].items():
+        if "default" in spec:
+            schema = {k: v for k, v in spec.items() if k != "default"}
+            try:
+                jsonschema.validate(spec["default"], schema)
+            except jsonschema.ValidationError as exc:
+                problems.append(f"{name}: default of {variable} does not fit its schema: {exc.message}")
+    return problems
+
+
+def compose_worker_command() -> list[str]:
+    """The compose GPU worker's command."""
+    return load_yaml(COMPOSE)["services"]["worker"]["command"]
+
+
+def option(command: list[str], flag: str) -> str:
+    """The value after a flag in an argv list."""
+    return command[command.index(flag) + 1]
+
+
+# ---------------------------------------------------------------- prefect.yaml
+
+
+@pytest.fixture(scope="module")
+def prefect_doc() -> dict[str, Any]:
+    return load_yaml(PREFECT_YAML)
+
+
+@pytest.fixture(scope="module")
+def gpu_doc() -> dict[str, Any]:
+    return load_yaml(GPU_YAML)
+
+
+def test_prefect_yaml_defines_the_two_deployments(prefect_doc: dict[str, Any]) -> None:
+    assert prefect_yaml_problems(prefect_doc) == []
+    assert set(by_name(prefect_doc)) == {"retrain-weekly", "retrain-on-demand"}
+
+
+def test_weekly_schedule_fires_on_monday_at_three_utc(prefect_doc: dict[str, Any]) -> None:
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.server.schemas.schedules import CronSchedule
+
+    config = by_name(prefect_doc)["retrain-weekly"]["schedules"][0]
+    # The same conversion `prefect deploy` applies to a schedules entry.
+    parsed = _schedule_config_to_deployment_schedule(config)
+    assert parsed["schedule"].cron == WEEKLY_CRON and parsed["schedule"].timezone == "UTC"
+    assert parsed.get("active", True) is True
+    schedule = CronSchedule(cron=parsed["schedule"].cron, timezone=parsed["schedule"].timezone)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    dates = asyncio.run(schedule.get_dates(n=3, start=start))
+    assert [d.isoformat() for d in dates] == [
+        "2026-01-05T03:00:00+00:00", "2026-01-12T03:00:00+00:00", "2026-01-19T03:00:00+00:00",
+    ]
+
+
+def test_default_params_are_valid_training_values(prefect_doc: dict[str, Any]) -> None:
+    from pneumo.config import MODEL_NAMES, Settings, TrainConfig
+
+    params = by_name(prefect_doc)["retrain-weekly"]["parameters"]["params"]
+    assert by_name(prefect_doc)["retrain-on-demand"]["parameters"]["params"] == params
+    assert set(params["candidates"]) <= set(MODEL_NAMES) and params["candidates"]
+    TrainConfig(**{key: params[key] for key in
+                   ("epochs", "image_size", "batch_size", "seed", "recall_target", "score_weight")})
+    assert 0 < params["min_recall"] <= 1 and 0 < params["min_specificity"] <= 1 and params["margin"] >= 0
+    assert params["registered_model"] == Settings.model_fields["registered_model"].default
+    # The default source is the compose stack's dataset bucket.
+    bucket = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                  if line and not line.startswith("#"))["PNEUMO_DATA_BUCKET"]
+    assert params["source"] == f"s3://{bucket}/chest_xray"
+
+
+def test_default_params_validate_against_the_flow() -> None:
+    if not (ROOT / "flows" / "retrain.py").is_file():
+        pytest.fail("flows/retrain.py (the deployments' entrypoint) does not exist")
+    module = importlib.import_module("flows.retrain")
+    params = by_name(load_yaml(PREFECT_YAML))["retrain-weekly"]["parameters"]["params"]
+    validated = module.RetrainParams.model_validate(params)
+    for key, value in params.items():
+        got = getattr(validated, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    assert module.retrain.name == "retrain"
+    assert list(module.retrain.parameters.properties) == ["params"]
+
+
+def test_pull_step_moves_into_the_repository(prefect_doc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.deployments.steps.core import _get_function_for_step
+    from prefect.utilities.templating import apply_values
+
+    (step,) = prefect_doc["pull"]
+    ((fqn, inputs),) = step.items()
+    assert fqn == "prefect.deployments.steps.set_working_directory"
+    assert callable(_get_function_for_step(fqn))
+    # At run time the worker resolves {{ $PNEUMO_REPO_DIR }} from its own environment.
+    monkeypatch.setenv("PNEUMO_REPO_DIR", str(ROOT))
+    resolved = apply_values(inputs, {})
+    assert Path(resolved["directory"]) == ROOT
+    assert (Path(resolved["directory"]) / ENTRYPOINT.split(":")[0]).is_file(), "entrypoint file missing"
+    # The image sets the variable to where it keeps the repository.
+    assert f"PNEUMO_REPO_DIR={IMAGE_REPO_DIR}" in WORKER_DOCKERFILE.read_text()
+    assert re.search(rf"^WORKDIR {IMAGE_REPO_DIR}$", WORKER_DOCKERFILE.read_text(), re.MULTILINE)
+
+
+# ---------------------------------------------------------------- work-pool templates
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_pool_template_is_accepted_by_prefect(pool: str) -> None:
+    pool_type, path = POOLS[pool]
+    template = json.loads(path.read_text())
+    assert template_problems(pool, pool_type, template) == []
+
+
+def test_process_template_renders_a_process_job() -> None:
+    from prefect.workers.process import ProcessJobConfiguration
+
+    rendered = render(json.loads(POOLS["pneumo-process"][1].read_text()))
+    config = ProcessJobConfiguration(**rendered)
+    assert config.env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert config.working_dir is None
+
+
+def test_docker_template_requests_nvidia_gpus() -> None:
+    import docker.types
+    from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
+
+    template = json.loads(POOLS["pneumo-gpu-docker"][1].read_text())
+    rendered = render(template)
+    kwargs = rendered["container_create_kwargs"]
+    assert set(kwargs) <= set(RUN_CREATE_KWARGS) | set(RUN_HOST_CONFIG_KWARGS)
+    # docker-py builds the same HostConfig the Docker worker sends to the engine.
+    host_config = docker.types.HostConfig(version="1.44", device_requests=kwargs["device_requests"])
+    (request,) = host_config["DeviceRequests"]
+    assert request["Driver"] == "nvidia" and request["Capabilities"] == [["gpu"]] and request["Count"] == -1
+    # Flow-run containers join the compose network and reach the services by name.
+    compose = load_yaml(COMPOSE)
+    assert rendered["networks"] == [compose["networks"]["default"]["name"]]
+    assert rendered["env"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert rendered["env"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # Credentials are Secret-block references resolved by the worker, never literals.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert re.fullmatch(r"\{\{ prefect\.blocks\.secret\.[a-z0-9-]+ \}\}", rendered["env"][key]), key
+    assert rendered["image"] == "pneumo-worker:0.1.0-gpu"
+    assert rendered["env"]["PNEUMO_REPO_DIR"] == IMAGE_REPO_DIR
+
+
+def test_kubernetes_template_limits_nvidia_gpus() -> None:
+    template = json.loads(POOLS["pneumo-gpu-k8s"][1].read_text())
+    for gpus in (1, 2):
+        manifest = render(template, {"gpu_count": gpus})["job_manifest"]
+        (container,) = manifest["spec"]["template"]["spec"]["containers"]
+        assert container["name"] == "prefect-job"  # the name the Kubernetes worker looks for
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container["envFrom"] == [{"secretRef": {"name": "pneumo-env"}}]
+        assert container["image"] == "pneumo-worker:0.1.0-gpu"
+    assert default_values(template)["gpu_count"] == 1
+
+
+def test_images_in_templates_match_the_compose_image() -> None:
+    env = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    compose_image = load_yaml(COMPOSE)["services"]["worker"]["image"].replace(
+        "${PNEUMO_IMAGE_TAG:-0.1.0}", env["PNEUMO_IMAGE_TAG"]
+    )
+    for pool in ("pneumo-gpu-docker", "pneumo-gpu-k8s"):
+        assert default_values(json.loads(POOLS[pool][1].read_text()))["image"] == compose_image
+
+
+# ---------------------------------------------------------------- names agree everywhere
+
+
+def test_pool_names_agree_across_files(prefect_doc: dict[str, Any], gpu_doc: dict[str, Any]) -> None:
+    for doc in (prefect_doc, gpu_doc):
+        for deployment in doc["deployments"]:
+            assert deployment["work_pool"]["name"] in POOLS, deployment["name"]
+    # The compose worker and the image's default command poll the deployments' pool.
+    for command in (compose_worker_command(), _dockerfile_cmd()):
+        assert option(command, "--pool") == "pneumo-process"
+        assert option(command, "--type") == POOLS["pneumo-process"][0]
+        template_path = option(command, "--base-job-template")
+        assert template_path == f"{IMAGE_REPO_DIR}/deployments/{POOLS['pneumo-process'][1].name}"
+        # One retraining at a time across deployments (concurrency_limit is per deployment).
+        assert option(command, "--limit") == "1"
+    assert "COPY deployments ./deployments" in WORKER_DOCKERFILE.read_text()
+
+
+def test_readme_creates_each_pool_with_its_template() -> None:
+    text = DEPLOYMENTS_README.read_text()
+    found = {
+        match.group("name"): (match.group("type"), ROOT / match.group("path"))
+        for match in re.finditer(
+            r"prefect work-pool create (?P<name>\S+) --type (?P<type>\S+)\s*(?:\\\s*)?"
+            r"--base-job-template (?P<path>\S+)",
+            text,
+        )
+    }
+    assert found == POOLS
+    for name in POOLS:
+        assert f"--pool {name}" in text, f"README does not start a worker for {name}"
+        assert f"prefect work-pool set-concurrency-limit {name} 1" in text, name
+    assert "--resources GPU=1" in text and "PNEUMO_DASK_ADDRESS" in text
+
+
+def test_gpu_deployments(prefect_doc: dict[str, Any], gpu_doc: dict[str, Any]) -> None:
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    PrefectYamlModel.model_validate(gpu_doc)
+    defaults = by_name(prefect_doc)["retrain-weekly"]["parameters"]["params"]
+    deployments = by_name(gpu_doc)
+    assert {"retrain-on-demand-gpu-docker", "retrain-weekly-gpu-docker", "retrain-on-demand-gpu-k8s",
+            "retrain-on-demand-dask"} <= set(deployments)
+    for name, deployment in deployments.items():
+        assert deployment["entrypoint"] == ENTRYPOINT, name
+        assert deployment["concurrency_limit"] == 1, name
+        assert deployment["parameters"]["params"] == defaults, f"{name}: params drift from prefect.yaml"
+        pool = deployment["work_pool"]["name"]
+        variables = json.loads(POOLS[pool][1].read_text())["variables"]["properties"]
+        assert set(deployment["work_pool"].get("job_variables") or {}) <= set(variables), name
+        (step,) = deployment["pull"]
+        directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+        expected = "{{ $PNEUMO_REPO_DIR }}" if pool == "pneumo-process" else IMAGE_REPO_DIR
+        assert directory == expected, name
+    weekly = deployments["retrain-weekly-gpu-docker"]["schedules"]
+    assert [(s["cron"], s["timezone"], s["active"]) for s in weekly] == [(WEEKLY_CRON, "UTC", False)]
+    dask_env = deployments["retrain-on-demand-dask"]["work_pool"]["job_variables"]["env"]
+    scheduler = load_yaml(COMPOSE)["services"]["dask-scheduler"]["command"]
+    assert dask_env["PNEUMO_DASK_ADDRESS"] == f"tcp://dask-scheduler:{option(scheduler, '--port')}"
+
+
+def _dockerfile_cmd() -> list[str]:
+    text = WORKER_DOCKERFILE.read_text().replace("\\\n", " ")
+    match = re.search(r"^CMD (\[.*?\])\s*$", text, re.MULTILINE | re.DOTALL)
+    assert match, "worker.Dockerfile has no exec-form CMD"
+    return json.loads(match.group(1))
+
+
+# ---------------------------------------------------------------- the checks fail on broken copies
+
+
+def test_broken_prefect_yaml_is_caught(prefect_doc: dict[str, Any]) -> None:
+    broken = copy.deepcopy(prefect_doc)
+    weekly, on_demand = broken["deployments"]
+    weekly["schedules"][0]["cron"] = "0 3 * * 0"
+    weekly["work_pool"] = {"name": "pneumo-proces"}
+    on_demand["concurrency_limit"] = 2
+    on_demand["schedules"] = [{"interval": 3600}]
+    on_demand["parameters"]["params"]["epoch"] = 3
+    problems = prefect_yaml_problems(broken)
+    assert any("retrain-weekly: schedules" in p for p in problems)
+    assert "retrain-weekly: work pool is 'pneumo-proces', not pneumo-process" in problems
+    assert "retrain-on-demand: concurrency_limit must be 1" in problems
+    assert "retrain-on-demand must have no schedule" in problems
+    assert "retrain-on-demand: unknown RetrainParams fields ['epoch']" in problems
+    del broken["deployments"][1]
+    assert "deployment retrain-on-demand is missing" in prefect_yaml_problems(broken)
+    broken["deployments"] = "not a list"
+    assert any("does not validate" in p for p in prefect_yaml_problems(broken))
+
+
+def test_broken_template_is_caught() -> None:
+    template = json.loads(POOLS["pneumo-gpu-docker"][1].read_text())
+    template["job_configuration"]["container_create_kwargs"] = "{{ container_kwargs }}"
+    template["variables"]["properties"]["auto_remove"]["default"] = "yes"
+    problems = template_problems("pneumo-gpu-docker", "docker", template)
+    assert any("undeclared variable(s): container_kwargs" in p for p in problems)
+    assert any("default of auto_remove" in p for p in problems)
