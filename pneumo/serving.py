@@ -311,6 +311,7 @@ def log_serving_model(
                   "candidate": candidate, "classes": list(CLASSES)}
         example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
         return Model.log(
+            artifact_path=None,
             name=name,
             flavor=mlflow.pyfunc,
             run_id=run_id,

@@ -27,6 +27,7 @@ THRESHOLD_METRIC = "threshold"
 DATASET_NAME = "chest-xray"
 SERVING_MODEL_NAME = "serving_model"
 KERAS_MODEL_NAME = "model"
+DIGEST_LENGTH = 36  # MLflow stores dataset digests in a 36-character column
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length (longer values are truncated)
 
 
@@ -142,26 +143,40 @@ def _log_json(client: Any, run_id: str, name: str, data: Any, artifact_path: str
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+def dataset_digest(fingerprint: str) -> str:
+    """The logged dataset's digest: the fingerprint, cut to MLflow's 36-character digest limit.
+
+    36 hex digits of a SHA-256 are 144 bits, still collision-free in practice; the full value is
+    in the dataset's profile and in the runs' ``pneumo.dataset.fingerprint`` tag.
+    """
+    return fingerprint[:DIGEST_LENGTH]
+
+
 def dataset_entity(source: str, fingerprint: str, frame: Any = None, name: str = DATASET_NAME) -> Any:
-    """An MLflow dataset whose digest is the dataset fingerprint (schema/profile from ``frame``)."""
+    """An MLflow dataset entity: digest from the fingerprint, schema and row count from ``frame``."""
     import warnings
 
     import mlflow.data
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # resolver warns about unrecognised schemes
+            warnings.simplefilter("ignore")  # the resolver warns about unrecognised schemes
             origin = resolve_dataset_source(source)
-    except Exception:  # noqa: BLE001 - e.g. "synthetic:seed=0": keep the text as a tag-like source
+    except Exception:  # noqa: BLE001 - e.g. "synthetic:seed=0": keep the text as the source
         origin = CodeDatasetSource({"source": source})
+    profile: dict[str, Any] = {"fingerprint": fingerprint}
+    schema = None
     if frame is not None:
-        dataset = mlflow.data.from_pandas(frame, source=origin, name=name, digest=fingerprint)
-    else:  # only metadata: still names the source and carries the fingerprint
-        dataset = MetaDataset(origin, name=name, digest=fingerprint)
-    return dataset._to_mlflow_entity()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # integer-column hints are irrelevant for a manifest
+            pandas_dataset = mlflow.data.from_pandas(frame, source=origin, name=name, digest=dataset_digest(fingerprint))
+        schema = json.dumps({"mlflow_colspec": pandas_dataset.schema.to_dict()}) if pandas_dataset.schema else None
+        profile.update(num_rows=int(len(frame)), num_elements=int(frame.size))
+    return Dataset(name=name, digest=dataset_digest(fingerprint), source_type=origin._get_source_type(),
+                   source=origin.to_json(), schema=schema, profile=json.dumps(profile))
 
 
 def _log_dataset(client: Any, run_id: str, entity: Any, context: str) -> None:
@@ -413,9 +428,27 @@ def log_candidate(
     return run_id
 
 
+class _KerasFlavor:
+    """``mlflow.keras`` with the model folder created first.
+
+    MLflow 3.17's ``mlflow.keras.save_model`` writes the input example before it creates the
+    model folder, so ``log_model(..., input_example=...)`` fails with FileNotFoundError.
+    """
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs: Any) -> Any:
+        import os
+
+        import mlflow.keras
+
+        os.makedirs(path, exist_ok=True)
+        return mlflow.keras.save_model(path=path, **kwargs)
+
+
 def _log_keras(run_id: str, model: Any, image_size: int) -> Any:
     """The Keras flavor with a tensor signature and a one-image input example."""
-    import mlflow.keras
     import numpy as np
     from mlflow.models import Model, infer_signature
 
@@ -423,7 +456,7 @@ def _log_keras(run_id: str, model: Any, image_size: int) -> Any:
 
     example = np.full((1, image_size, image_size, 3), 128.0, dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example), dtype=np.float32))
-    return Model.log(name=KERAS_MODEL_NAME, flavor=mlflow.keras, run_id=run_id, model=model,
+    return Model.log(artifact_path=None, name=KERAS_MODEL_NAME, flavor=_KerasFlavor, run_id=run_id, model=model,
                      signature=signature, input_example=example, pip_requirements=pip_requirements())
 
 

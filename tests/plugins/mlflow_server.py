@@ -137,3 +137,59 @@ if "pytest" in sys.modules:
     def unique_name() -> Callable[[str], str]:
         """Factory of names unique to this test (experiments, registered models)."""
         return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# ----------------------------------------------------------------------------- models and images
+# Tracking, registry and serving tests need models whose quality they control. A "brightness
+# model" scores an image by its mean gray level (NORMAL test images are dark, PNEUMONIA bright),
+# so the stored threshold alone decides how good a candidate is on the test set.
+STEEPNESS = 12.0
+
+
+def xray_jpeg(brightness: float, size: int = 40, seed: int = 0, rgb: bool = False) -> bytes:
+    """A small noisy JPEG whose mean gray level is about ``brightness`` (0..255)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(brightness, 6.0, (size, size + 8)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "L")
+    buffer = io.BytesIO()
+    (image.convert("RGB") if rgb else image).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def brightness_model(image_size: int = 32) -> Any:
+    """Compiled Keras model: p = sigmoid(STEEPNESS·(mean pixel/255 − 0.5)); input float 0..255."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="pneumonia_probability")
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([np.full((3, 1), STEEPNESS / 3, dtype=np.float32),
+                       np.array([-STEEPNESS / 2], dtype=np.float32)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    return model
+
+
+def threshold_for(brightness: float) -> float:
+    """The brightness model's probability at a gray level: images brighter than it are PNEUMONIA."""
+    import math
+
+    return 1.0 / (1.0 + math.exp(-STEEPNESS * (brightness / 255.0 - 0.5)))
+
+
+def labelled_images(normal: int = 10, pneumonia: int = 10, seed: int = 0) -> tuple[list[bytes], list[int]]:
+    """Test-set stand-in: NORMAL at gray levels 40..120, PNEUMONIA at 136..216 (JPEG bytes, labels)."""
+    import numpy as np
+
+    normal_levels = np.linspace(40, 120, normal)
+    pneumonia_levels = np.linspace(136, 216, pneumonia)
+    images = [xray_jpeg(level, seed=seed + i) for i, level in enumerate(normal_levels)]
+    images += [xray_jpeg(level, seed=seed + 100 + i) for i, level in enumerate(pneumonia_levels)]
+    return images, [0] * normal + [1] * pneumonia
