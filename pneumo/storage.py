@@ -62,6 +62,7 @@ DEFAULT_WORKERS = 16
 _CHUNK = 1 << 20
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Body-read attempts of our own: botocore retries requests, not a body cut off mid-stream.
@@ -192,7 +193,7 @@ def unsafe_reason(relative: str) -> str | None:
         return "absolute path"
     if "\\" in relative:
         return "backslash in key"
-    if any(ord(char) < 32 or ord(char) == 127 for char in relative):
+    if _CONTROL.search(relative):
         return "control character in key"
     if _ENCODED_SEPARATOR.search(relative):
         return "percent-encoded dot or separator"
@@ -499,10 +500,34 @@ def _resolve_endpoint(endpoint_url: str | None) -> str | None:
         return None
 
 
+_LOADER: Any = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _shared_loader() -> Any:
+    """One botocore data loader per process: it caches the parsed S3 model (~0.1 s per client).
+
+    Sessions themselves are not shared, so credentials are resolved afresh for every client.
+    """
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            from botocore.loaders import create_loader
+
+            _LOADER = create_loader()
+        return _LOADER
+
+
 def _make_client(endpoint_url: str | None, workers: int, *, attempts: int = 8, connect_timeout: float = 5.0,
                  retry_mode: str = "standard") -> Any:
     import boto3
+    import botocore.session
     from botocore.config import Config
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _shared_loader())
+    # LastModified is never used; dateutil-parsing it costs more CPU than the rest of a list page.
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
 
     # Custom endpoints (MinIO, moto) need path-style addressing: bucket.host names do not resolve.
     custom = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
@@ -517,19 +542,37 @@ def _make_client(endpoint_url: str | None, workers: int, *, attempts: int = 8, c
         response_checksum_validation="when_required",
         user_agent_extra="pneumo",
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+    return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def _connect(source: Source, endpoint_url: str | None, workers: int) -> tuple[_S3, _S3]:
-    """(main client with retries, probe client that fails fast when the endpoint is unreachable)."""
+def _connect(source: Source, endpoint_url: str | None, workers: int) -> _S3:
+    """A client (with retries) plus the names error messages need."""
     endpoint_url = _resolve_endpoint(endpoint_url)
     try:
-        main = _make_client(endpoint_url, workers)
-        probe = _make_client(endpoint_url, 1, attempts=2, connect_timeout=3.0)
+        client = _make_client(endpoint_url, workers)
     except Exception as exc:  # noqa: BLE001 - e.g. botocore's ValueError for a malformed endpoint URL
         raise StorageError(redact(f"cannot create an S3 client for endpoint {endpoint_url}: {exc}")) from None
-    endpoint = redact(str(main.meta.endpoint_url))
-    return _S3(main, endpoint, source.bucket), _S3(probe, endpoint, source.bucket)
+    return _S3(client, redact(str(client.meta.endpoint_url)), source.bucket)
+
+
+def _check_reachable(s3: _S3, key: str | None, action: str) -> None:
+    """Fail in seconds, not after minutes of retry backoff, when nothing listens at the endpoint.
+
+    A plain TCP connect; skipped when an HTTP proxy sits in between (the proxy answers instead).
+    """
+    import socket
+    import urllib.request
+
+    url = urlsplit(str(s3.client.meta.endpoint_url))
+    host = url.hostname or ""
+    if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return
+    try:
+        socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        detail = exc.strerror or type(exc).__name__
+        raise StorageError(redact(f"{action} {s3.where(key)} failed: cannot reach the endpoint ({detail}); "
+                                  "is the server up and the URL right?")) from None
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -613,26 +656,17 @@ def _retry(fn: Callable[[], T], attempts: int = _BODY_ATTEMPTS) -> T:
     raise AssertionError("unreachable")
 
 
-def _list(s3: _S3, probe: _S3, source: Source) -> list[tuple[str, int, str]]:
+def _list(s3: _S3, source: Source) -> list[tuple[str, int, str]]:
     """Every object under the prefix as (key, size, etag), following continuation tokens."""
+    _check_reachable(s3, source.prefix, "listing")
     objects: list[tuple[str, int, str]] = []
     token: str | None = None
-    first = True
     while True:
         kwargs: dict[str, Any] = {"Bucket": source.bucket, "Prefix": source.prefix}
         if token:
             kwargs["ContinuationToken"] = token
         try:
-            if first:
-                try:  # fail fast on an unreachable endpoint or a permanent error
-                    page = probe.client.list_objects_v2(**kwargs)
-                except Exception as exc:
-                    if not _is_transient(exc) or _unreachable(exc):
-                        raise
-                    page = _retry(lambda: s3.client.list_objects_v2(**kwargs))
-                first = False
-            else:
-                page = _retry(lambda: s3.client.list_objects_v2(**kwargs))
+            page = _retry(lambda: s3.client.list_objects_v2(**kwargs))
         except Exception as exc:
             raise _describe(exc, s3, source.prefix, "listing") from None
         for item in page.get("Contents", []):
@@ -642,12 +676,6 @@ def _list(s3: _S3, probe: _S3, source: Source) -> list[tuple[str, int, str]]:
         token = page.get("NextContinuationToken")
         if not token:
             raise StorageError(f"listing {s3.where(source.prefix)} failed: truncated page without a continuation token")
-
-
-def _unreachable(exc: BaseException) -> bool:
-    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
-
-    return isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
 
 
 def _download(s3: _S3, cache: _Cache, key: str, path: str, *, if_match: str | None = None,
@@ -764,8 +792,8 @@ def sync(
         return _sync_local(src, local_cache, workers=workers, progress=progress, started=started)
     if cache_dir is None:
         raise StorageError(f"a cache folder is needed to sync {src.uri}")
-    s3, probe = _connect(src, endpoint_url, workers)
-    listing = _list(s3, probe, src)
+    s3 = _connect(src, endpoint_url, workers)
+    listing = _list(s3, src)
     images: dict[str, tuple[ImageKey, str, int, str]] = {}  # path -> (key info, s3 key, size, etag)
     skipped: list[tuple[str, str]] = []
     refused = 0
@@ -961,13 +989,15 @@ def materialize(
     pinned = _pinned_rows(manifest_frame)
     if src.scheme == "file":
         return _verify_local(src, pinned, cache_dir, workers, progress)
-    s3, _ = _connect(src, endpoint_url, workers)
+    s3 = _connect(src, endpoint_url, workers)
     cache_root = Path(cache_dir).expanduser()
     with _Cache.open(cache_root) as cache:
         todo = [row for row in pinned if cache.trusted(row[0], row[1], row[2], row[3]) is None]
         total = len(pinned)
         if progress is not None:
             progress(total - len(todo), total)
+        if todo:
+            _check_reachable(s3, todo[0][0], "downloading")
 
         def fetch(row: tuple[str, str, int, str | None]) -> None:
             path, etag, size, md5 = row
@@ -1052,10 +1082,10 @@ def upload_tree(
     if not base.is_dir():
         raise StorageError(f"folder to upload {base} does not exist")
     files = sorted(p for p in base.rglob("*") if p.is_file() and META_DIR not in p.relative_to(base).parts)
-    s3, probe = _connect(target, endpoint_url, workers)
+    s3 = _connect(target, endpoint_url, workers)
     if create_bucket:
-        _ensure_bucket(s3, probe)
-    existing = {key: (size, etag) for key, size, etag in _list(s3, probe, target)}
+        _ensure_bucket(s3)
+    existing = {key: (size, etag) for key, size, etag in _list(s3, target)}
     todo: list[tuple[Path, str]] = []
     for path in files:
         key = target.prefix + path.relative_to(base).as_posix()
@@ -1086,9 +1116,10 @@ def _b64_md5(body: bytes) -> str:
     return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
 
 
-def _ensure_bucket(s3: _S3, probe: _S3) -> None:
+def _ensure_bucket(s3: _S3) -> None:
+    _check_reachable(s3, None, "checking bucket")
     try:
-        probe.client.head_bucket(Bucket=s3.bucket)
+        s3.client.head_bucket(Bucket=s3.bucket)
         return
     except Exception as exc:
         if _error_code(exc) not in ("404", "NoSuchBucket"):
