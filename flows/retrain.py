@@ -100,19 +100,19 @@ class CandidateFailed(PneumoError):
 
 
 @task(name="select-and-promote")
-def select_and_promote(candidates: list[Record], params: RetrainParams, parent_run_id: str,
-                       tracking_uri: str, test_manifest: list[Record], source: str) -> Record:
-    """Register the best survivor and move the champion alias only if it passes the gate."""
+def select_and_promote(params: RetrainParams, parent_run_id: str, tracking_uri: str,
+                       test_manifest: list[Record], source: str) -> Record:
+    """Register the best finished candidate; move the champion alias only if it passes the gate."""
     from pneumo import registry, storage
 
     frame = pd.DataFrame.from_records(test_manifest)
     root = storage.materialize(frame, source, _cache_dir(source), endpoint_url=_settings().s3_endpoint_url)
     decision = registry.promote(
-        parent_run_id, candidates, registered_model=params.registered_model, min_recall=params.min_recall,
+        parent_run_id, test_root=root, test_frame=frame, tracking_uri=tracking_uri,
+        registered_model=params.registered_model, min_recall=params.min_recall,
         min_specificity=params.min_specificity, margin=params.margin, score_weight=params.score_weight,
-        test_root=root, test_frame=frame, tracking_uri=tracking_uri,
-    )
-    get_run_logger().info("promotion: %s", decision)
+    ).record()
+    get_run_logger().info("promotion: %s: %s", decision["outcome"], decision["reason"])
     return decision
 
 
@@ -231,7 +231,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     decision = None
     if survivors:
         test_manifest = [r for r in validated["manifest"] if r["subset"] == "test"]
-        decision = select_and_promote(survivors, params, parent_run_id, tracking_uri, test_manifest, params.source)
+        decision = select_and_promote(params, parent_run_id, tracking_uri, test_manifest, params.source)
     rows = leaderboard_rows(candidates, decision, tracking_uri)
     create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
                           "threshold; score = recall-weighted mean on validation")
