@@ -44,7 +44,7 @@ def test_weekly_deployment_carries_its_cron_schedule(deployed: dict[str, str]) -
     assert "pneumo-process" in out
 
 
-def test_deployment_run_trains_registers_and_reports(deployed, s3_server, mlflow_server, unique_name,
+def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env, mlflow_server, unique_name,
                                                      tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
