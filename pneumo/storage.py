@@ -205,14 +205,6 @@ def unsafe_reason(relative: str) -> str | None:
     return None
 
 
-def _inside(root: Path, relative: str) -> Path:
-    """``root / relative``, checked to resolve inside ``root`` (symlinks included)."""
-    target = root / relative
-    if not target.resolve().is_relative_to(root.resolve()):
-        raise StorageError(f"refusing to write {relative!r}: it resolves outside the cache {root}")
-    return target
-
-
 # ----------------------------------------------------------------------------- results
 @dataclass
 class IngestReport:
@@ -366,6 +358,7 @@ class _Cache:
         self._journal: Any = None
         self._lock_file: Any = None
         self._mutex = threading.Lock()
+        self._checked_dirs: set[str] = set()
 
     @classmethod
     @contextlib.contextmanager
@@ -397,7 +390,8 @@ class _Cache:
             state = json.loads((self.meta / "state.json").read_text(encoding="utf-8"))
             if state.get("version") == STATE_VERSION:
                 for path, item in state.get("objects", {}).items():
-                    self.entries[path] = _Entry(**item)
+                    if unsafe_reason(path) is None:  # a doctored state file must not aim deletes outside
+                        self.entries[path] = _Entry(**item)
         except (OSError, ValueError, TypeError):
             self.entries = {}  # unreadable state: trust nothing, everything is fetched again
         try:
@@ -408,6 +402,8 @@ class _Cache:
             try:
                 item = json.loads(line)
                 path = item.pop("path")
+                if unsafe_reason(path) is not None:
+                    continue
                 if item.get("removed"):
                     self.entries.pop(path, None)
                 else:
@@ -471,6 +467,29 @@ class _Cache:
             if relative_dir != "." and not os.listdir(directory):
                 os.rmdir(directory)
         return removed
+
+    def target(self, path: str) -> Path:
+        """Where ``path`` (already checked by :func:`unsafe_reason`) lives; its folder is created.
+
+        No folder on the way may be a symlink, so a link planted in the cache cannot redirect
+        writes outside it. Checked once per folder, not per file.
+        """
+        target = self.root / path
+        parent = str(target.parent)
+        if parent not in self._checked_dirs:
+            folder = self.root
+            for part in Path(path).parent.parts:  # one level at a time: never mkdir through a link
+                folder = folder / part
+                if folder.is_symlink():
+                    raise StorageError(f"refusing to write {path!r}: {folder} is a symlink and could lead "
+                                       f"outside the cache {self.root}")
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    if not folder.is_dir():
+                        raise StorageError(f"refusing to write {path!r}: {folder} is a file") from None
+            self._checked_dirs.add(parent)
+        return target
 
     def temp_path(self) -> Path:
         return self.tmp / f"{uuid.uuid4().hex}.part"
@@ -638,19 +657,26 @@ class _Corrupt(Exception):
     """A body that ended early or hashed wrong: transient (a dropped connection), so retried."""
 
 
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a streamed body read raises when the connection drops or stalls."""
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return (HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError)
+
+
 def _retry(fn: Callable[[], T], attempts: int = _BODY_ATTEMPTS) -> T:
-    """Call ``fn`` again with jittered exponential backoff while it fails transiently.
+    """Call ``fn`` again, with jittered exponential backoff, while it raises :class:`_Corrupt`.
 
-    Error *responses* (5xx, throttling) were already retried by botocore's retry mode, so only
-    failures botocore cannot see are retried here: bodies cut off mid-stream, bad MD5, resets.
+    Requests (and their error responses: 5xx, throttling, resets before the reply) are retried
+    by botocore's retry mode; what it cannot see is a streamed body cut off mid-way or hashing
+    wrong, which surfaces here as ``_Corrupt``.
     """
-    from botocore.exceptions import ClientError
-
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as exc:
-            if attempt == attempts - 1 or isinstance(exc, ClientError) or not _is_transient(exc):
+        except _Corrupt:
+            if attempt == attempts - 1:
                 raise
             time.sleep(random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
     raise AssertionError("unreachable")
@@ -666,7 +692,7 @@ def _list(s3: _S3, source: Source) -> list[tuple[str, int, str]]:
         if token:
             kwargs["ContinuationToken"] = token
         try:
-            page = _retry(lambda: s3.client.list_objects_v2(**kwargs))
+            page = s3.client.list_objects_v2(**kwargs)
         except Exception as exc:
             raise _describe(exc, s3, source.prefix, "listing") from None
         for item in page.get("Contents", []):
@@ -681,13 +707,13 @@ def _list(s3: _S3, source: Source) -> list[tuple[str, int, str]]:
 def _download(s3: _S3, cache: _Cache, key: str, path: str, *, if_match: str | None = None,
               expect_size: int | None = None, expect_md5: str | None = None) -> _Entry:
     """GET one object into a temp file, check size and MD5, then rename it into place."""
-    target = _inside(cache.root, path)
+    target = cache.target(path)
 
     def attempt() -> _Entry:
         kwargs: dict[str, Any] = {"Bucket": s3.bucket, "Key": key}
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
-        response = s3.client.get_object(**kwargs)
+        response = s3.client.get_object(**kwargs)  # botocore's retry mode covers the request
         etag = str(response.get("ETag", "")).strip('"')
         size = int(response["ContentLength"])
         temporary = cache.temp_path()
@@ -695,10 +721,13 @@ def _download(s3: _S3, cache: _Cache, key: str, path: str, *, if_match: str | No
         received = 0
         try:
             with open(temporary, "wb") as handle:
-                for chunk in response["Body"].iter_chunks(_CHUNK):
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
+                try:
+                    for chunk in response["Body"].iter_chunks(_CHUNK):
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                except _body_errors() as exc:  # the body is ours to retry: botocore has returned
+                    raise _Corrupt(f"connection lost while reading the body ({type(exc).__name__})") from exc
             md5 = digest.hexdigest()
             if received != size:
                 raise _Corrupt(f"body ended after {received} of {size} bytes")
@@ -708,7 +737,6 @@ def _download(s3: _S3, cache: _Cache, key: str, path: str, *, if_match: str | No
                 raise StorageError(f"{s3.where(key)}: size {size} differs from the pinned {expect_size} bytes")
             if expect_md5 is not None and md5 != expect_md5:
                 raise _Corrupt("content MD5 differs from the pinned MD5")
-            target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temporary, target)  # atomic: the final name only ever holds a complete file
         finally:
             temporary.unlink(missing_ok=True)
@@ -1098,8 +1126,7 @@ def upload_tree(
         path, key = item
         body = path.read_bytes()
         try:
-            _retry(lambda: s3.client.put_object(Bucket=target.bucket, Key=key, Body=body,
-                                                ContentMD5=_b64_md5(body)))
+            s3.client.put_object(Bucket=target.bucket, Key=key, Body=body, ContentMD5=_b64_md5(body))
         except Exception as exc:
             raise _describe(exc, s3, key, "uploading to") from None
         return len(body)

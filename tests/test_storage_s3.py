@@ -176,6 +176,18 @@ def test_traversal_keys_refused_nothing_written_outside(s3_server: S3Server, tmp
     assert not any(b"evil" == p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
 
 
+def test_symlink_planted_in_cache_cannot_redirect_writes(s3_server: S3Server, tmp_path: Path) -> None:
+    bucket = _bucket_with(s3_server, IMAGES)
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    sync(f"s3://{bucket}", cache, endpoint_url=s3_server.endpoint_url)
+    outside.mkdir()
+    shutil.rmtree(cache / "chest_xray" / "test")
+    (cache / "chest_xray" / "test").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StorageError, match="symlink"):
+        sync(f"s3://{bucket}", cache, endpoint_url=s3_server.endpoint_url)
+    assert list(outside.rglob("*")) == []
+
+
 def test_faults_are_retried_and_files_byte_identical(s3_server: S3Server, fault_proxy: Any, tmp_path: Path) -> None:
     files = {
         f"chest_xray/train/{'NORMAL' if i % 3 else 'PNEUMONIA'}/"
