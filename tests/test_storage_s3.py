@@ -68,29 +68,34 @@ def _bucket_with(s3_server: S3Server, files: dict[str, bytes], prefix: str = "")
 
 
 def test_pagination_over_1000_objects_and_upload_tree(s3_server: S3Server, tmp_path: Path) -> None:
+    # ListObjectsV2 returns at most 1,000 keys per page: 1,010 images in one folder page through
+    # a full listing, 1,001 quirk files in one folder page through a delimited listing.
     local = tmp_path / "local"
     expected: dict[str, bytes] = {}
-    for i in range(1010):  # ListObjectsV2 returns at most 1,000 keys per page
-        split, cls = ("train", "NORMAL") if i % 2 else ("test", "PNEUMONIA")
-        name = f"IM-{i:04d}-0001.jpeg" if cls == "NORMAL" else f"person{i}_virus_1.jpeg"
-        relative = f"chest_xray/{split}/{cls}/{name}"
+    for i in range(1010):
+        relative = f"chest_xray/train/NORMAL/IM-{i:04d}-0001.jpeg"
         expected[relative] = f"object {i}".encode()
         (local / relative).parent.mkdir(parents=True, exist_ok=True)
         (local / relative).write_bytes(expected[relative])
+    (local / "__MACOSX").mkdir()
+    for i in range(1001):
+        (local / "__MACOSX" / f"._IM-{i:04d}-0001.jpeg").write_bytes(b"")
     bucket = s3_server.make_bucket()
     upload = upload_tree(local, f"s3://{bucket}/ds", endpoint_url=s3_server.endpoint_url)
-    assert (upload.uploaded, upload.unchanged) == (1010, 0)
+    assert (upload.uploaded, upload.unchanged) == (2011, 0)
     again = upload_tree(local, f"s3://{bucket}/ds", endpoint_url=s3_server.endpoint_url)
-    assert (again.uploaded, again.unchanged, again.bytes_uploaded) == (0, 1010, 0)
+    assert (again.uploaded, again.unchanged, again.bytes_uploaded) == (0, 2011, 0)
 
     result = sync(f"s3://{bucket}/ds", tmp_path / "cache", endpoint_url=s3_server.endpoint_url)
-    assert result.report.listed == 1010 and len(result.frame) == 1010
+    assert result.report.listed == 2011 and len(result.frame) == 1010
+    assert result.report.skipped_by_reason() == {"macos-metadata": 1001}
     assert _tree(tmp_path / "cache") == expected
-    assert result.report.counts == {"train": {"NORMAL": 505}, "test": {"PNEUMONIA": 505}}
+    assert result.report.counts == {"train": {"NORMAL": 1010}}
     # The same files read as a local folder: same manifest, same fingerprint.
     local_result = sync(local, None)
     assert local_result.fingerprint == result.fingerprint
     assert local_result.frame.equals(result.frame)
+    assert local_result.report.skipped == result.report.skipped
 
 
 def test_incremental_sync(s3_server: S3Server, tmp_path: Path) -> None:
