@@ -68,8 +68,8 @@ def _bucket_with(s3_server: S3Server, files: dict[str, bytes], prefix: str = "")
 
 
 def test_pagination_over_1000_objects_and_upload_tree(s3_server: S3Server, tmp_path: Path) -> None:
-    # ListObjectsV2 returns at most 1,000 keys per page: 1,010 images in one folder page through
-    # a full listing, 1,001 quirk files in one folder page through a delimited listing.
+    # ListObjectsV2 returns at most 1,000 keys per page: 2,011 keys (1,010 images in one folder,
+    # 1,001 quirk files) take three pages.
     local = tmp_path / "local"
     expected: dict[str, bytes] = {}
     for i in range(1010):

@@ -86,14 +86,16 @@ class S3Server:
 
     Attributes:
         endpoint_url: ``http://127.0.0.1:PORT``.
-        env: credentials plus ``AWS_ENDPOINT_URL_S3`` for subprocesses (MLflow server, flows).
+        env: credentials plus ``AWS_ENDPOINT_URL_S3`` and ``MLFLOW_S3_ENDPOINT_URL`` pointing here,
+            for subprocesses (MLflow server, Prefect workers, flows).
     """
 
     def __init__(self, process: subprocess.Popen[Any], port: int) -> None:
         self.process = process
         self.port = port
         self.endpoint_url = f"http://127.0.0.1:{port}"
-        self.env: dict[str, str] = {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint_url}
+        self.env: dict[str, str] = {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+                                    "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url}
 
     @classmethod
     def start(cls, attempts: int = 3) -> S3Server:
