@@ -48,10 +48,11 @@ def ingest(source: str) -> Record:
     """Sync the dataset into the local cache; returns the pinned manifest and the ingest report."""
     from pneumo import storage
 
+    started = time.perf_counter()
     result = storage.sync(source, _cache_dir(source), endpoint_url=_settings().s3_endpoint_url)
     get_run_logger().info("ingest: %s", result.report.to_dict())
-    return {"root": str(result.root), "fingerprint": result.fingerprint,
-            "report": result.report.to_dict(), "manifest": result.frame.to_dict("records")}
+    return {"root": str(result.root), "fingerprint": result.fingerprint, "report": result.report.to_dict(),
+            "manifest": result.frame.to_dict("records"), "seconds": time.perf_counter() - started}
 
 
 @task(name="validate-data")
@@ -60,12 +61,14 @@ def validate_data(root: str, manifest: list[Record], params: RetrainParams) -> R
     from pneumo.data import Manifest, Skipped, validate_images
     from pneumo.pipeline import prepare_data
 
+    started = time.perf_counter()
     checked = validate_images(Path(root), pd.DataFrame.from_records(manifest))
     prepared = prepare_data(Path(root), params.train_config(), manifest=Manifest(checked.frame, checked.skipped),
                             min_per_class=params.min_images_per_class, log=get_run_logger().warning)
     get_run_logger().info("data: %s", {k: prepared.report[k] for k in ("images", "patients", "subsets")})
     return {"manifest": prepared.frame.to_dict("records"), "report": prepared.report,
-            "skipped": [vars(s) for s in checked.skipped if isinstance(s, Skipped)]}
+            "skipped": [vars(s) for s in checked.skipped if isinstance(s, Skipped)],
+            "seconds": time.perf_counter() - started}
 
 
 @task(name="train-candidate", task_run_name="train-{name}", retries=1, retry_delay_seconds=5,
@@ -79,8 +82,12 @@ def train_candidate(
     from pneumo.data import class_weights
     from pneumo.pipeline import PreparedData, run_candidate
 
+    from pneumo.train import limit_cpu_threads
+
     started = time.time()
     logger = get_run_logger()
+    if os.environ.get("PNEUMO_TF_THREADS"):  # e.g. several Dask worker processes on one machine
+        limit_cpu_threads(int(os.environ["PNEUMO_TF_THREADS"]))
     frame = pd.DataFrame.from_records(manifest)
     root = storage.materialize(frame, source, _cache_dir(source), endpoint_url=_settings().s3_endpoint_url)
     data = PreparedData(root=root, frame=frame, report=data_report, class_weight=class_weights(frame))
@@ -105,6 +112,7 @@ def select_and_promote(params: RetrainParams, parent_run_id: str, tracking_uri: 
     """Register the best finished candidate; move the champion alias only if it passes the gate."""
     from pneumo import registry, storage
 
+    started = time.perf_counter()
     frame = pd.DataFrame.from_records(test_manifest)
     root = storage.materialize(frame, source, _cache_dir(source), endpoint_url=_settings().s3_endpoint_url)
     decision = registry.promote(
@@ -113,7 +121,7 @@ def select_and_promote(params: RetrainParams, parent_run_id: str, tracking_uri: 
         min_specificity=params.min_specificity, margin=params.margin, score_weight=params.score_weight,
     ).record()
     get_run_logger().info("promotion: %s: %s", decision["outcome"], decision["reason"])
-    return decision
+    return {**decision, "seconds": time.perf_counter() - started}
 
 
 def _failed(name: str, error: BaseException | str) -> Record:
@@ -239,5 +247,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     tracking.finish_retraining(parent_run_id, status="FINISHED" if survivors else "FAILED", tracking_uri=tracking_uri)
     if not survivors:
         raise RuntimeError("every candidate failed: " + "; ".join(c["error"] for c in candidates))
+    timings = {"ingest": ingested["seconds"], "validate-data": validated["seconds"],
+               **{f"train-{c['name']}": c["finished"] - c["started"] for c in survivors},
+               "select-and-promote": decision["seconds"] if decision else 0.0}
     return {"parent_run_id": parent_run_id, "fingerprint": ingested["fingerprint"], "leaderboard": rows,
-            "decision": decision, "candidates": candidates}
+            "decision": decision, "candidates": candidates, "task_seconds": timings}

@@ -75,8 +75,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 
 @pytest.fixture
-def prefect_api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> PrefectServer:
-    """Point in-process flow runs at the session's server."""
+def prefect_api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
+    """Point in-process flow runs at the session's server (never a temporary one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     for key, value in prefect_server.env.items():
-        monkeypatch.setenv(key, value)
-    return prefect_server
+        monkeypatch.setenv(key, value)  # for subprocesses and Dask workers
+    # Prefect resolves its settings once per process; the environment alone comes too late.
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server
