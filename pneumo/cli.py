@@ -190,6 +190,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _train_and_rank(models, args.data, _train_config(args), args.out, args.json)
 
 
+def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
+    """(tracking URI, registered model) from flags or settings; fails fast if MLflow is unreachable."""
+    from pneumo.config import Settings
+    from pneumo.tracking import check_tracking_server
+
+    settings = Settings()
+    uri = args.tracking_uri or settings.tracking_uri
+    check_tracking_server(uri)
+    return uri, args.model or settings.registered_model
+
+
+def _print_champion(info: dict[str, Any]) -> None:
+    metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(info["metrics"].items()))
+    print(f"{info['model']} version {info['version']} ({info['candidate']}) {info['uri']}")
+    print(f"  threshold {info['threshold']:.4f}; {metrics}")
+    print(f"  run {info['run_id']} (retraining {info['parent_run_id']}), registered {info['created']}")
+
+
+def _cmd_champion(args: argparse.Namespace) -> int:
+    from pneumo.registry import champion_info
+
+    uri, model = _registry_target(args)
+    info = champion_info(tracking_uri=uri, model_name=model)
+    if args.json:
+        _print_json(info)
+    elif info is None:
+        print(f"{model} has no champion yet")
+    else:
+        _print_champion(info)
+    return 0 if info is not None else 1
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from pneumo.registry import rollback
+
+    uri, model = _registry_target(args)
+    info = rollback(tracking_uri=uri, model_name=model)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"rolled back: champion is version {info['version']} again (version {info['rolled_back']} demoted)")
+        _print_champion(info)
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from pneumo.config import Settings
+    from pneumo.data import build_manifest
+    from pneumo.registry import latest_retraining, promote, read_test_set
+
+    uri, model = _registry_target(args)
+    run_id = args.run_id or latest_retraining(args.experiment or Settings().experiment, tracking_uri=uri)
+    images, labels = read_test_set(args.data, build_manifest(args.data).frame)
+    decision = promote(run_id, test_images=images, test_labels=labels, tracking_uri=uri, registered_model=model,
+                       min_recall=args.min_recall, min_specificity=args.min_specificity, margin=args.margin,
+                       score_weight=args.score_weight, dry_run=args.dry_run)
+    if args.json:
+        _print_json(decision.record())
+    else:
+        champion = decision.champion
+        print(f"{decision.outcome}: {decision.candidate} from retraining {run_id}"
+              + (f" → version {decision.version}" if decision.version else ""))
+        print(f"  test score {decision.evaluation.score:.4f} (recall {decision.evaluation.metrics['recall']:.4f}, "
+              f"specificity {decision.evaluation.metrics['specificity']:.4f}) vs champion "
+              + (f"version {champion.version} {champion.score:.4f}" if champion else "none"))
+        print(f"  {decision.reason}")
+    return 0
+
+
+def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="registered model (default PNEUMO_REGISTERED_MODEL or pneumonia-classifier)")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI / PNEUMO_TRACKING_URI)")
+    parser.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -229,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/")
     _add_train_flags(train)
     train.set_defaults(handler=_cmd_train)
+
+    promote = sub.add_parser("promote", help="gate a retraining's best candidate against the champion")
+    promote.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/ (its test split is used)")
+    promote.add_argument("--run-id", help="retraining (parent) run id (default: the latest in --experiment)")
+    promote.add_argument("--experiment", help="MLflow experiment (default PNEUMO_EXPERIMENT)")
+    promote.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
+    promote.add_argument("--min-recall", type=float, default=0.95)
+    promote.add_argument("--min-specificity", type=float, default=0.0)
+    promote.add_argument("--margin", type=float, default=0.0, help="score the champion must be beaten by")
+    promote.add_argument("--score-weight", type=float, default=2.0)
+    _add_registry_flags(promote)
+    promote.set_defaults(handler=_cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="point champion back at previous-champion")
+    _add_registry_flags(rollback)
+    rollback.set_defaults(handler=_cmd_rollback)
+
+    champion = sub.add_parser("champion", help="show the current champion (version, metrics, threshold, run)")
+    _add_registry_flags(champion)
+    champion.set_defaults(handler=_cmd_champion)
 
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -67,8 +68,12 @@ def _check_http(uri: str, timeout: float) -> None:
         health = requests.get(f"{uri}/health", timeout=timeout)
         search = requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
                               timeout=timeout)
+    except requests.Timeout:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable (no answer within {timeout:g} s)") from None
     except requests.RequestException as error:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable: {_one_line(error)}") from None
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+        why = errno.group(0).strip() if errno else _one_line(error)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({why})") from None
     if health.status_code != 200 or search.status_code != 200 or "experiments" not in _json(search):
         status = health.status_code if health.status_code != 200 else search.status_code
         raise TrackingError(

@@ -55,7 +55,17 @@ def versions(uri: str, name: str) -> list[str]:
     return sorted(v.version for v in MlflowClient(uri).search_model_versions(f"name = '{name}'"))
 
 
-def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri, unique_name, model, test_set, tmp_path):
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+    """Run ``pneumo <argv> --json`` in-process; (exit code, parsed stdout)."""
+    from pneumo.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, json.loads(capsys.readouterr().out or "null")
+
+
+def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri, unique_name, model, test_set,
+                                                                      tmp_path, capsys):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
@@ -99,6 +109,17 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     assert dry["outcome"] == "dry-run: would be promoted" and dry.version is None and dry.champion.version == "1"
     assert versions(mlflow_uri, name) == ["1", "2"] and aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.promotion.decision" not in client.get_run(third).data.tags
+    # The same dry run from the command line, on a dataset folder's test split.
+    data = tmp_path / "data"
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = data / "chest_xray" / "test" / ("PNEUMONIA" if label else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        name_ = f"person{index}_bacteria_1.jpeg" if label else f"IM-{index:04d}-0001.jpeg"
+        (folder / name_).write_bytes(image)
+    code, out = cli(capsys, "promote", "--dry-run", "--data", str(data), "--run-id", third, "--model", name,
+                    "--tracking-uri", mlflow_uri, "--json")
+    assert code == 0 and out["outcome"] == "dry-run: would be promoted" and out["champion_version"] == "1"
+    assert versions(mlflow_uri, name) == ["1", "2"]
 
     # 4. The better model promotes; the old champion becomes previous-champion.
     decision = registry.promote(third, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
@@ -110,16 +131,20 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     assert info["threshold"] == pytest.approx(threshold_for(BEST)) and info["run_id"] == decision.run_id
     assert info["aliases"] == ["champion"] and info["uri"] == f"models:/{name}@champion"
 
-    # 5. Rollback restores the previous champion; a second rollback has nothing to go back to.
-    restored = registry.rollback(tracking_uri=mlflow_uri, model_name=name)
-    assert restored["version"] == "1" and restored["rolled_back"] == "3"
+    code, shown = cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json")
+    assert code == 0 and shown["version"] == "3" and shown["run_id"] == decision.run_id
+
+    # 5. Rollback (from the command line) restores the previous champion; a second one has
+    # nothing to go back to.
+    code, restored = cli(capsys, "rollback", "--model", name, "--tracking-uri", mlflow_uri, "--json")
+    assert code == 0 and restored["version"] == "1" and restored["rolled_back"] == "3"
     assert aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.rolled_back" in client.get_model_version(name, "3").tags
     with pytest.raises(PromotionError, match="no previous-champion"):
         registry.rollback(tracking_uri=mlflow_uri, model_name=name)
 
 
-def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, test_set):
+def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, test_set, capsys):
     name = unique_name("model")
     parent = retraining(mlflow_uri, unique_name("exp"), model, {"cnn": (LOW_RECALL, 0.9)})
     images, labels = test_set
@@ -129,6 +154,7 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
     assert decision.reasons == ["test recall 0.4000 is below the floor 0.9500"]
     assert aliases(mlflow_uri, name) == {"challenger": "1"}
     assert registry.champion_info(tracking_uri=mlflow_uri, model_name=name) is None
+    assert cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json") == (1, None)
 
 
 def test_gate_lists_every_reason():

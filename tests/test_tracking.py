@@ -164,7 +164,7 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
 def test_unreachable_server_fails_fast_with_the_uri(unique_name):
     port = free_port()  # nothing listens here
     uri = f"http://127.0.0.1:{port}"
-    with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*unreachable"):
+    with pytest.raises(TrackingError, match=rf"127.0.0.1:{port} is unreachable \(\[Errno 111\] Connection refused\)"):
         tracking.check_tracking_server(uri, timeout=2)
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}") as raised:
         tracking.start_retraining(uri, unique_name("exp"), "local", FINGERPRINT, {"epochs": 1})
@@ -193,7 +193,7 @@ def test_a_listening_socket_that_never_answers_times_out():
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        with pytest.raises(TrackingError, match="unreachable.*Timeout"):
+        with pytest.raises(TrackingError, match=r"unreachable \(no answer within 0.5 s\)"):
             tracking.check_tracking_server(uri, timeout=0.5)
 
 
