@@ -235,15 +235,39 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> tuple[list[bytes], list[int]]:
+    """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does)."""
+    import hashlib
+
+    from pneumo.config import Settings
+    from pneumo.registry import read_test_set
+    from pneumo.tracking import retraining_dataset
+
+    if args.data:
+        from pneumo.data import build_manifest
+
+        return read_test_set(args.data, build_manifest(args.data).frame)
+    from pneumo.storage import sync
+
+    settings = Settings()
+    source, fingerprint = retraining_dataset(run_id, tracking_uri=uri)
+    cache = settings.home / "cache" / hashlib.sha256(source.encode()).hexdigest()[:12]
+    _log(f"syncing the retraining's dataset {source} ...")
+    result = sync(source, cache, endpoint_url=settings.s3_endpoint_url, progress=_progress("syncing"))
+    if fingerprint and result.fingerprint != fingerprint:
+        _log(f"note: {source} changed since the retraining (fingerprint {result.fingerprint[:12]} "
+             f"vs {fingerprint[:12]}); evaluating on the current test split")
+    return read_test_set(result.root, result.frame)
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from pneumo.config import Settings
-    from pneumo.data import build_manifest
-    from pneumo.registry import latest_retraining, promote, read_test_set
+    from pneumo.registry import latest_retraining, promote
 
     uri, model = _registry_target(args)
     run_id = args.run_id or latest_retraining(args.experiment or Settings().experiment, tracking_uri=uri)
-    images, labels = read_test_set(args.data, build_manifest(args.data).frame)
+    images, labels = _promotion_test_set(args, run_id, uri)
     decision = promote(run_id, test_images=images, test_labels=labels, tracking_uri=uri, registered_model=model,
                        min_recall=args.min_recall, min_specificity=args.min_specificity, margin=args.margin,
                        score_weight=args.score_weight, dry_run=args.dry_run)
@@ -307,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
 
     promote = sub.add_parser("promote", help="gate a retraining's best candidate against the champion")
-    promote.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/ (its test split is used)")
-    promote.add_argument("--run-id", help="retraining (parent) run id (default: the latest in --experiment)")
+    promote.add_argument("run_id", nargs="?", help="retraining (parent) run id (default: the latest in --experiment)")
+    promote.add_argument("--data", type=Path, help="folder holding chest_xray/ whose test split to evaluate on "
+                         "(default: the retraining's own dataset source)")
     promote.add_argument("--experiment", help="MLflow experiment (default PNEUMO_EXPERIMENT)")
     promote.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
     promote.add_argument("--min-recall", type=float, default=0.95)

@@ -507,6 +507,14 @@ def log_failed_candidate(parent_run_id: str, name: str, error: str, *, tracking_
     return run.info.run_id
 
 
+def retraining_dataset(parent_run_id: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(dataset source, fingerprint) a retraining was run on, from its parent run's tags."""
+    tags = _client(tracking_uri).get_run(parent_run_id).data.tags
+    if TAG_SOURCE not in tags:
+        raise TrackingError(f"run {parent_run_id} is not a pneumo retraining run (no {TAG_SOURCE} tag)")
+    return tags[TAG_SOURCE], tags.get(TAG_FINGERPRINT, "")
+
+
 def candidate_runs(parent_run_id: str, *, tracking_uri: str | None = None) -> list[Any]:
     """Finished candidate child runs of a retraining (failed ones excluded)."""
     client = _client(tracking_uri)

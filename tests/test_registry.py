@@ -32,9 +32,10 @@ def test_set() -> tuple[list[bytes], list[int]]:
     return labelled_images(10, 10)
 
 
-def retraining(uri: str, experiment: str, model, candidates: dict[str, tuple[float, float]]) -> str:
+def retraining(uri: str, experiment: str, model, candidates: dict[str, tuple[float, float]],
+               source: str = "s3://bucket/chest_xray") -> str:
     """A parent run with one child per ``name: (threshold gray level, validation score)``."""
-    parent = tracking.start_retraining(uri, experiment, "s3://bucket/chest_xray", FINGERPRINT, {"epochs": 1})
+    parent = tracking.start_retraining(uri, experiment, source, FINGERPRINT, {"epochs": 1})
     for name, (level, score) in candidates.items():
         metrics = {"recall": 1.0, "specificity": 0.5, "threshold": threshold_for(level)}
         tracking.log_candidate(parent, name, config={"epochs": 1}, model=model, history={"loss": [0.7, 0.6]},
@@ -65,7 +66,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
 
 
 def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri, unique_name, model, test_set,
-                                                                      tmp_path, capsys):
+                                                                      tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
@@ -102,23 +103,23 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     logged = json.loads(Path(client.download_artifacts(second, "promotion/decision.json", str(tmp_path))).read_text())
     assert logged["outcome"] == "challenger" and logged["champion_version"] == "1"
 
-    # 3. Dry run of a better model: the decision, and nothing changes.
-    third = retraining(mlflow_uri, experiment, model, {"cnn_deep": (BEST, 0.97)})
+    # 3. Dry run of a better model: the decision, and nothing changes. The retraining's dataset
+    # is a local folder this time, so the command line can find its test split by itself.
+    data = tmp_path / "data"
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = data / "chest_xray" / "test" / ("PNEUMONIA" if label else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / (f"person{index}_bacteria_1.jpeg" if label else f"IM-{index:04d}-0001.jpeg")).write_bytes(image)
+    third = retraining(mlflow_uri, experiment, model, {"cnn_deep": (BEST, 0.97)}, source=str(data))
     dry = registry.promote(third, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
                            registered_model=name, dry_run=True)
     assert dry["outcome"] == "dry-run: would be promoted" and dry.version is None and dry.champion.version == "1"
     assert versions(mlflow_uri, name) == ["1", "2"] and aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.promotion.decision" not in client.get_run(third).data.tags
-    # The same dry run from the command line, on a dataset folder's test split.
-    data = tmp_path / "data"
-    for index, (image, label) in enumerate(zip(images, labels)):
-        folder = data / "chest_xray" / "test" / ("PNEUMONIA" if label else "NORMAL")
-        folder.mkdir(parents=True, exist_ok=True)
-        name_ = f"person{index}_bacteria_1.jpeg" if label else f"IM-{index:04d}-0001.jpeg"
-        (folder / name_).write_bytes(image)
-    code, out = cli(capsys, "promote", "--dry-run", "--data", str(data), "--run-id", third, "--model", name,
-                    "--tracking-uri", mlflow_uri, "--json")
+    monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
+    code, out = cli(capsys, "promote", third, "--dry-run", "--model", name, "--tracking-uri", mlflow_uri, "--json")
     assert code == 0 and out["outcome"] == "dry-run: would be promoted" and out["champion_version"] == "1"
+    assert out["metrics"]["recall"] == 1.0 and out["champion_metrics"]["specificity"] == pytest.approx(0.7)
     assert versions(mlflow_uri, name) == ["1", "2"]
 
     # 4. The better model promotes; the old champion becomes previous-champion.
