@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -1167,11 +1166,3 @@ def _ensure_bucket(s3: _S3) -> None:
     except Exception as exc:
         if _error_code(exc) not in ("BucketAlreadyOwnedByYou",):
             raise _describe(exc, s3, None, "creating bucket") from None
-
-
-def clear_cache(cache_dir: str | os.PathLike[str]) -> None:
-    """Delete a pneumo cache folder (refuses folders that are not one)."""
-    root = Path(cache_dir).expanduser()
-    if not (root / META_DIR).is_dir():
-        raise StorageError(f"{root} is not a pneumo cache (no {META_DIR}/ inside); not deleting it")
-    shutil.rmtree(root)
