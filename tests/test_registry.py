@@ -145,14 +145,27 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
         registry.rollback(tracking_uri=mlflow_uri, model_name=name)
 
 
-def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, test_set, capsys):
+def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, test_set, capsys, tmp_path):
+    import pandas as pd
+
     name = unique_name("model")
     parent = retraining(mlflow_uri, unique_name("exp"), model, {"cnn": (LOW_RECALL, 0.9)})
+    # Called the way the flow calls it: survivor records, and the test split as files + manifest rows.
     images, labels = test_set
-    decision = registry.promote(parent, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                                registered_model=name, min_specificity=0.5)
+    rows = []
+    for index, (image, label) in enumerate(zip(images, labels)):
+        path = f"chest_xray/test/{'PNEUMONIA' if label else 'NORMAL'}/{index}.jpeg"
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(image)
+        rows.append({"path": path, "label": label, "subset": "test"})
+    survivors = [{"name": "cnn", "status": "ok", "run_id": run.info.run_id}
+                 for run in tracking.candidate_runs(parent, tracking_uri=mlflow_uri)]
+    decision = registry.promote(parent, survivors, registered_model=name, min_recall=0.95, min_specificity=0.5,
+                                margin=0.0, score_weight=2.0, test_root=tmp_path, test_frame=pd.DataFrame(rows),
+                                tracking_uri=mlflow_uri)
     assert not decision.promoted and decision.champion is None
     assert decision.reasons == ["test recall 0.4000 is below the floor 0.9500"]
+    assert decision.get("outcome") == "challenger" and decision["version"] == "1"
     assert aliases(mlflow_uri, name) == {"challenger": "1"}
     assert registry.champion_info(tracking_uri=mlflow_uri, model_name=name) is None
     assert cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json") == (1, None)
