@@ -25,7 +25,6 @@ from pneumo.tracking import (
     TAG_FINGERPRINT,
     TAG_KIND,
     TAG_SERVING_MODEL,
-    THRESHOLD_METRIC,
     candidate_runs,
 )
 
