@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pneumo.synthetic import generate_dataset
-from tests.plugins.mlflow_server import stop_process
+from tests.plugins.processes import stop_process
 from tests.plugins.prefect_server import prefect_executable
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,48 +12,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.plugins.s3 import free_port
+from tests.plugins.processes import free_port, stop_process, wait_http
 
 
 def mlflow_executable() -> str:
     """The ``mlflow`` console script of the running interpreter's environment."""
     candidate = Path(sys.executable).parent / "mlflow"
     return str(candidate) if candidate.exists() else "mlflow"
-
-
-def wait_http(url: str, process: subprocess.Popen[Any], timeout: float, log: Path | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail with the server's log tail if the process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"server exited with code {process.returncode} before {url} answered:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    """Terminate a server process (and its workers) and wait for it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
 
 
 class MlflowServer:

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.plugins.mlflow_server import stop_process, wait_http
-from tests.plugins.s3 import free_port
+from tests.plugins.processes import free_port, stop_process, wait_http
 
 
 def prefect_executable() -> str:

@@ -31,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.plugins.processes import free_port, stop_process, wait_http
+
 TEST_CREDENTIALS: dict[str, str] = {
     "AWS_ACCESS_KEY_ID": "pneumo-test-access-key",
     "AWS_SECRET_ACCESS_KEY": "pneumo-test-secret-key",
@@ -47,38 +49,6 @@ _MOTO_MAIN = (
     "import logging, sys; logging.getLogger('werkzeug').setLevel(logging.WARNING); "
     "from moto.server import main; main(sys.argv[1:])"
 )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_http(url: str, process: subprocess.Popen[Any], timeout: float = 60.0) -> None:
-    """Poll ``url`` until it answers; fail early if the server process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server process exited with code {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                response.read()
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server at {url} did not answer within {timeout:.0f} s")
-
-
-def _stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 class S3Server:
@@ -111,16 +81,16 @@ class S3Server:
                 env=env,
             )
             try:
-                _wait_http(f"http://127.0.0.1:{port}/moto-api/", process)
+                wait_http(f"http://127.0.0.1:{port}/moto-api/", process)
                 return cls(process, port)
             except RuntimeError as exc:  # port taken between free_port() and bind: try another
                 last = exc
-                _stop(process)
+                stop_process(process)
         raise RuntimeError(f"could not start moto server: {last}")
 
     def stop(self) -> None:
         """Terminate the server process."""
-        _stop(self.process)
+        stop_process(self.process)
 
     def client(self, endpoint_url: str | None = None, **config: Any) -> Any:
         """A boto3 S3 client with the test credentials, talking to this server (or ``endpoint_url``)."""
@@ -199,10 +169,10 @@ class FaultProxy:
         assert process.stdout is not None
         line = process.stdout.readline()  # the proxy binds port 0 and prints it: no port race
         if not line.startswith("PORT "):
-            _stop(process)
+            stop_process(process)
             raise RuntimeError(f"fault proxy did not start (said {line!r})")
         proxy = cls(process, int(line.split()[1]))
-        _wait_http(proxy.endpoint_url + "/__proxy__/stats", process)
+        wait_http(proxy.endpoint_url + "/__proxy__/stats", process)
         return proxy
 
     def stats(self) -> dict[str, Any]:
@@ -212,7 +182,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         """Terminate the proxy process."""
-        _stop(self.process)
+        stop_process(self.process)
 
     def __enter__(self) -> FaultProxy:
         return self
