@@ -268,11 +268,13 @@ def decode_image(encoded: tf.Tensor | bytes, image_size: int) -> tf.Tensor:
     def jpeg() -> tf.Tensor:
         shape = tf.image.extract_jpeg_shape(encoded)
         ratio = _dct_ratio(tf.minimum(shape[0], shape[1]), image_size)
-        branches = [
-            (tf.equal(ratio, r), lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r))
-            for r in (8, 4, 2)
-        ]
-        return tf.case(branches, default=lambda: tf.io.decode_jpeg(encoded, channels=3))
+        # The fast integer IDCT differs from the accurate one by about one grey level, far below
+        # what the resize to the model's size keeps; it is measurably faster on 2 cores.
+        def decode(r: int) -> tf.Tensor:
+            return tf.io.decode_jpeg(encoded, channels=3, ratio=r, dct_method="INTEGER_FAST")
+
+        branches = [(tf.equal(ratio, r), lambda r=r: decode(r)) for r in (8, 4, 2)]
+        return tf.case(branches, default=lambda: decode(1))
 
     def other() -> tf.Tensor:
         return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
