@@ -142,7 +142,7 @@ class FaultProxy:
         seed: int = 0,
         deny: str = "",
     ) -> FaultProxy:
-        """Start the proxy (``python tests/plugins/s3.py proxy``) and wait for it to answer.
+        """Start the proxy (``python -m tests.plugins.s3 proxy``) and wait for it to answer.
 
         Args:
             upstream: the S3 endpoint to forward to.
@@ -157,7 +157,7 @@ class FaultProxy:
         """
         process = subprocess.Popen(
             [
-                sys.executable, str(Path(__file__).resolve()), "proxy",
+                sys.executable, "-m", "tests.plugins.s3", "proxy",
                 "--upstream", upstream, "--fail-rate", str(fail_rate),
                 "--latency-ms", str(latency_ms), "--faults", ",".join(faults),
                 "--methods", ",".join(methods), "--seed", str(seed), "--deny", deny,
@@ -165,6 +165,7 @@ class FaultProxy:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            cwd=Path(__file__).resolve().parents[2],  # the repository root, so `tests.` imports resolve
         )
         assert process.stdout is not None
         line = process.stdout.readline()  # the proxy binds port 0 and prints it: no port race
