@@ -44,6 +44,16 @@ def test_weekly_deployment_carries_its_cron_schedule(deployed: dict[str, str]) -
     assert "pneumo-process" in out
 
 
+def test_bad_parameters_are_refused_by_deployment_run(deployed: dict[str, str]) -> None:
+    result = subprocess.run(
+        [prefect_executable(), "deployment", "run", "retrain/retrain-on-demand",
+         "--param", 'params={"epochs": 0}'],
+        cwd=REPO, env=deployed, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "params.epochs" in output and "minimum of 1" in output  # named before any run exists
+
+
 def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env, mlflow_server, unique_name,
                                                      tmp_path: Path) -> None:
     from mlflow import MlflowClient

@@ -58,3 +58,17 @@ def test_failed_candidate_is_recorded_and_others_rank(small_dataset: Path, tmp_p
     assert best_candidate([failed]) is None
     table = leaderboard([failed, cnn_result])
     assert table["model"].tolist() == ["cnn", "vgg16"] and table["status"][1].startswith("failed")
+
+
+def test_short_subsets_fail_early_with_the_counts(small_dataset: Path) -> None:
+    from pneumo.data import assign_subsets, build_manifest
+    from pneumo.errors import DataError
+    from pneumo.pipeline import check_subsets
+
+    frame = assign_subsets(build_manifest(small_dataset).frame)
+    check_subsets(frame, min_per_class=2)  # the generated dataset is big enough
+    no_test_normals = frame[~((frame["subset"] == "test") & (frame["label"] == 0))]
+    with pytest.raises(DataError, match=r"test/NORMAL=0"):
+        check_subsets(no_test_normals, min_per_class=2)
+    with pytest.raises(DataError, match=r"train/NORMAL=\d+"):
+        check_subsets(frame, min_per_class=10_000)
