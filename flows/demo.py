@@ -22,31 +22,32 @@ DEMO_DEFAULTS = {
 }
 
 
-def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
-    """Demo parameters: 64 px, 4 epochs, all four models, ImageNet VGG16 only if the file is at hand."""
-    from pneumo.config import DemoConfig, RetrainParams
+DEMO_SCALE = 0.08  # 460 generated images: big enough to learn something, small enough for minutes
 
-    demo = DemoConfig()
-    return RetrainParams(
-        source=str(data_dir), candidates=list(demo.models), epochs=demo.train.epochs,
-        image_size=demo.train.image_size, batch_size=demo.train.batch_size, seed=demo.train.seed,
-        vgg16_weights=demo.train.vgg16_weights, min_recall=0.9,
-    )
+
+def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
+    """Demo parameters: 64 px, 4 epochs, all four models, ImageNet VGG16 only if the file is at hand.
+
+    The recall floor is relaxed to 0.9: the generated validation set is small, so a threshold
+    tuned on it carries over to the test set less tightly than on the real data.
+    """
+    from pneumo.config import RetrainParams
+
+    return RetrainParams(source=str(data_dir), epochs=4, image_size=64, batch_size=32,
+                         vgg16_weights="auto", min_recall=0.9)
 
 
 def main() -> int:
     """Run the demo; returns the process exit code."""
     for key, value in DEMO_DEFAULTS.items():
         os.environ.setdefault(key, value)  # before Prefect/TensorFlow read their settings
-    from pneumo.config import DemoConfig
     from pneumo.errors import PneumoError
     from pneumo.synthetic import generate_dataset
 
     data_dir = HOME / "demo-data"
     if not (data_dir / "chest_xray").is_dir():
-        demo = DemoConfig()
-        print(f"generating the demo dataset in {data_dir} (scale {demo.scale}) ...", flush=True)
-        generate_dataset(data_dir, seed=0, scale=demo.scale, image_kind=demo.image_kind)
+        print(f"generating the demo dataset in {data_dir} (scale {DEMO_SCALE}) ...", flush=True)
+        generate_dataset(data_dir, seed=0, scale=DEMO_SCALE, image_kind="small")
 
     from flows.retrain import retrain
 

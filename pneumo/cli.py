@@ -15,9 +15,6 @@ from pydantic import ValidationError
 from pneumo.config import MODEL_NAMES, TrainConfig
 from pneumo.errors import PneumoError
 
-Handler = Callable[[argparse.Namespace], int]
-
-
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up banner buries our progress lines; errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,8 +40,8 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """TrainConfig from flags; unset flags keep the base config's values."""
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from flags; unset flags keep the defaults."""
     overrides = {
         key: value
         for key, value in {
@@ -58,7 +55,7 @@ def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> 
         }.items()
         if value is not None
     }
-    return TrainConfig.model_validate({**(base or TrainConfig()).model_dump(), **overrides})
+    return TrainConfig.model_validate(overrides)
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:

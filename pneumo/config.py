@@ -45,20 +45,6 @@ class TrainConfig(BaseModel):
         return value.strip()
 
 
-class DemoConfig(BaseModel):
-    """The embedded defaults of the README's main command: minutes on 2 CPU cores."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data_dir: Path = Path(".pneumo/demo-data")
-    scale: float = 0.08
-    image_kind: Literal["small", "real"] = "small"
-    models: tuple[str, ...] = MODEL_NAMES
-    train: TrainConfig = TrainConfig(
-        image_size=64, batch_size=32, epochs=4, vgg16_weights="auto", early_stopping=False
-    )
-
-
 class Settings(BaseSettings):
     """Where things live; read from the environment (``PNEUMO_*``) so secrets stay out of configs."""
 
