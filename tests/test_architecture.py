@@ -20,11 +20,38 @@ def test_library_source_never_imports_prefect() -> None:
     assert offenders == []
 
 
+def _module_name(path: Path) -> str:
+    """Dotted name of a module under pneumo/ (subpackages included: pneumo/storage/s3.py -> pneumo.storage.s3)."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, at module level or inside functions."""
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_only_storage_s3_imports_boto() -> None:
+    # DESIGN.md: one place talks to boto3; everything else goes through pneumo.storage.s3's helpers.
+    boto = {"boto3", "botocore"}
+    s3_module = PACKAGE / "storage" / "s3.py"
+    assert boto <= _imported_roots(s3_module)  # the rule below would pass vacuously if s3.py moved
+    offenders = sorted(_module_name(path) for path in PACKAGE.rglob("*.py")
+                       if path != s3_module and _imported_roots(path) & boto)
+    assert offenders == []
+
+
 def test_importing_every_module_loads_no_prefect_and_writes_nothing(tmp_path: Path) -> None:
     workdir, home = tmp_path / "work", tmp_path / "home"  # Keras/matplotlib make dot-dirs in HOME
     workdir.mkdir()
     home.mkdir()
-    modules = sorted(f"pneumo.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    modules = sorted(_module_name(p) for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"

@@ -1,0 +1,160 @@
+"""What an ingest produces: the manifest frame, its content fingerprint, and the sync/upload reports.
+
+Fingerprint: SHA-256 of the sorted ``path, MD5 of content, size`` lines. For S3 the MD5 is the
+object's ETag when that is a plain MD5 (single-part uploads); multipart ETags (``<hex>-<parts>``)
+are not content hashes, so the MD5 is computed while downloading and kept in the cache state. A
+local folder and the same files in a bucket therefore give the same fingerprint either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumo.layout import CLASSES, ImageKey
+
+if TYPE_CHECKING:  # pandas is imported where frames are built: keeps `pneumo --help` fast.
+    import pandas as pd
+
+    from pneumo.storage.sources import Source
+
+
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "split", "label", "patient_id", "bytes", "etag", "md5")
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class IngestReport:
+    """What a sync saw and did. Holds no credentials."""
+
+    source: str
+    endpoint: str | None
+    root: str
+    fingerprint: str
+    listed: int
+    images: int
+    downloaded: int
+    reused: int
+    removed: int
+    refused: int
+    bytes_downloaded: int
+    seconds: float
+    counts: dict[str, dict[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """How many listed entries were left out, by reason."""
+        return dict(Counter(reason for _, reason in self.skipped))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (also what ``pneumo ingest --json`` prints)."""
+        return {
+            "source": self.source,
+            "endpoint": self.endpoint,
+            "root": self.root,
+            "fingerprint": self.fingerprint,
+            "listed": self.listed,
+            "images": self.images,
+            "downloaded": self.downloaded,
+            "reused": self.reused,
+            "removed": self.removed,
+            "refused": self.refused,
+            "skipped": len(self.skipped),
+            "skipped_by_reason": self.skipped_by_reason(),
+            "bytes_downloaded": self.bytes_downloaded,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts,
+            "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped],
+        }
+
+
+@dataclass
+class IngestResult:
+    """A synced dataset: its manifest, fingerprint, report, and the local folder holding it.
+
+    Attributes:
+        frame: one row per image; columns :data:`MANIFEST_COLUMNS` (``etag`` is the S3 ETag, or
+            the content MD5 for local files; ``md5`` is always the content MD5).
+        fingerprint: see :func:`fingerprint`.
+        report: the :class:`IngestReport`.
+        root: local folder containing ``chest_xray/`` (the cache for S3, the folder itself for a
+            local source).
+        source: the parsed source.
+    """
+
+    frame: pd.DataFrame
+    fingerprint: str
+    report: IngestReport
+    root: Path
+    source: Source
+
+
+@dataclass
+class UploadReport:
+    """What :func:`upload_tree` did."""
+
+    target: str
+    endpoint: str | None
+    uploaded: int
+    unchanged: int
+    bytes_uploaded: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "target": self.target,
+            "endpoint": self.endpoint,
+            "uploaded": self.uploaded,
+            "unchanged": self.unchanged,
+            "bytes_uploaded": self.bytes_uploaded,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """Stable content hash of a manifest: SHA-256 over sorted ``path, md5, bytes`` lines.
+
+    Args:
+        frame: a manifest with ``path``, ``bytes`` and ``md5`` (or, failing that, ``etag``).
+
+    Returns:
+        64 hex digits; the same files give the same value whatever the source or row order.
+    """
+    digests = frame["md5"] if "md5" in frame.columns else frame["etag"]
+    lines = sorted(f"{p}\t{d}\t{int(b)}\n" for p, d, b in zip(frame["path"], digests, frame["bytes"]))
+    sha = hashlib.sha256()
+    for line in lines:
+        sha.update(line.encode("utf-8", "surrogatepass"))
+    return sha.hexdigest()
+
+
+def _pinned_md5(etag: str, md5: str | None) -> str | None:
+    """The content MD5 a pinned row promises: its ``md5``, else its ETag when that is a plain MD5."""
+    return md5 or (etag if _PLAIN_MD5.match(etag) else None)
+
+
+def _build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame = frame.astype({"label": "int64", "bytes": "int64"})
+    return frame.sort_values("path", ignore_index=True)
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_class = counts.setdefault(row["split"], {})
+        name = CLASSES[row["label"]]
+        by_class[name] = by_class.get(name, 0) + 1
+    return counts
+
+
+def _row(key: ImageKey, size: int, etag: str, md5: str) -> dict[str, Any]:
+    return {"path": key.path, "split": key.split, "label": key.label, "patient_id": key.patient_id,
+            "bytes": size, "etag": etag, "md5": md5}

@@ -1,0 +1,199 @@
+"""The only module that imports boto3/botocore: S3 clients, endpoints, reachability, error translation."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from pneumo.errors import StorageError
+from pneumo.storage.sources import Source, redact
+
+# Body-read attempts of our own: botocore retries requests, not a body cut off mid-stream.
+_BODY_ATTEMPTS = 6
+_PERMANENT_REASONS: dict[str, str] = {
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchKey": "the object does not exist",
+    "404": "not found",
+    "AccessDenied": "access denied (check the credentials' permissions for this bucket)",
+    "403": "access denied (check the credentials' permissions for this bucket)",
+    "AllAccessDisabled": "all access to this object has been disabled",
+    "InvalidAccessKeyId": "the access key id is not known to this endpoint (check AWS_ACCESS_KEY_ID or the profile)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key (check AWS_SECRET_ACCESS_KEY)",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is invalid",
+    "InvalidBucketName": "the bucket name is invalid",
+    "PermanentRedirect": "the bucket lives in another region (set AWS_DEFAULT_REGION)",
+    "301": "the bucket lives in another region (set AWS_DEFAULT_REGION)",
+    "AuthorizationHeaderMalformed": "the request's region does not match the bucket's (set AWS_DEFAULT_REGION)",
+}
+
+
+@dataclass
+class _S3:
+    """A client plus the names every error message must carry."""
+
+    client: Any
+    endpoint: str
+    bucket: str
+
+    def where(self, key: str | None = None) -> str:
+        return f"s3://{self.bucket}/{key or ''} at {self.endpoint}"
+
+
+def _resolve_endpoint(endpoint_url: str | None) -> str | None:
+    if endpoint_url:
+        return endpoint_url
+    try:
+        from pneumo.config import Settings
+
+        return Settings().s3_endpoint_url
+    except Exception:  # noqa: BLE001 - a broken unrelated setting must not stop an ingest
+        return None
+
+
+_LOADER: Any = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _shared_loader() -> Any:
+    """One botocore data loader per process: it caches the parsed S3 model (~0.1 s per client).
+
+    Sessions themselves are not shared, so credentials are resolved afresh for every client.
+    """
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            from botocore.loaders import create_loader
+
+            _LOADER = create_loader()
+        return _LOADER
+
+
+def _make_client(endpoint_url: str | None, workers: int) -> Any:
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _shared_loader())
+    # LastModified is never used; dateutil-parsing it costs more CPU than the rest of a list page.
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+
+    # Custom endpoints (MinIO, moto) need path-style addressing: bucket.host names do not resolve.
+    custom = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 8},
+        max_pool_connections=max(10, workers + 4),
+        connect_timeout=5.0,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if custom else None,
+        # We verify size and MD5 ourselves; CRC trailers cost CPU and some S3 clones lack them.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        user_agent_extra="pneumo",
+    )
+    return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _connect(source: Source, endpoint_url: str | None, workers: int) -> _S3:
+    """A client (with retries) plus the names error messages need."""
+    endpoint_url = _resolve_endpoint(endpoint_url)
+    try:
+        client = _make_client(endpoint_url, workers)
+    except Exception as exc:  # noqa: BLE001 - e.g. botocore's ValueError for a malformed endpoint URL
+        raise StorageError(redact(f"cannot create an S3 client for endpoint {endpoint_url}: {exc}")) from None
+    return _S3(client, redact(str(client.meta.endpoint_url)), source.bucket)
+
+
+def _check_reachable(s3: _S3, key: str | None, action: str) -> None:
+    """Fail in seconds, not after minutes of retry backoff, when nothing listens at the endpoint.
+
+    A plain TCP connect; skipped when an HTTP proxy sits in between (the proxy answers instead).
+    """
+    import socket
+    import urllib.request
+
+    url = urlsplit(str(s3.client.meta.endpoint_url))
+    host = url.hostname or ""
+    if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return
+    try:
+        socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        detail = exc.strerror or type(exc).__name__
+        raise StorageError(redact(f"{action} {s3.where(key)} failed: cannot reach the endpoint ({detail}); "
+                                  "is the server up and the URL right?")) from None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    # HTTPClientError covers ResponseStreamingError, ReadTimeoutError, ConnectionClosedError;
+    # BotoConnectionError covers EndpointConnectionError and ConnectTimeoutError.
+    if isinstance(exc, _Corrupt | IncompleteReadError | HTTPClientError | BotoConnectionError | Urllib3Error
+                  | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = _error_code(exc) or ""
+        return status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+    return False
+
+
+def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> StorageError:
+    """One line naming the endpoint, bucket and key; never a trace, never a credential."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        reason = "no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile/role)"
+    elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+        reason = "cannot reach the endpoint (is the server up and the URL right?)"
+    elif isinstance(exc, ClientError):
+        code = _error_code(exc) or "error"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        known = _PERMANENT_REASONS.get(code)
+        message = exc.response.get("Error", {}).get("Message", "")
+        reason = f"{code} (HTTP {status}): {known or message or 'request failed'}"
+        if _is_transient(exc):
+            reason += " — still failing after retries"
+    elif isinstance(exc, _Corrupt):
+        reason = f"{exc} — still failing after {_BODY_ATTEMPTS} attempts"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+        if _is_transient(exc):
+            reason += " — still failing after retries"
+    return StorageError(redact(f"{action} {s3.where(key)} failed: {reason}").replace("\n", " "))
+
+
+class _Corrupt(Exception):
+    """A body that ended early or hashed wrong: transient (a dropped connection), so retried."""
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a streamed body read raises when the connection drops or stalls."""
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return (HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError)

@@ -1,0 +1,137 @@
+"""Dataset source URIs: parsing, credential redaction, the unsafe-key rule, the no-images hint."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from pneumo.errors import StorageError
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed dataset source.
+
+    Attributes:
+        scheme: ``"s3"`` or ``"file"``.
+        bucket: S3 bucket ("" for files).
+        prefix: S3 key prefix to list ("" or ending in "/").
+        base: S3 key prefix that dataset paths are relative to (``prefix`` itself, or its parent
+            when the URI points at the ``chest_xray/`` folder).
+        path: local folder (file sources).
+    """
+
+    scheme: str
+    bucket: str = ""
+    prefix: str = ""
+    base: str = ""
+    path: Path | None = None
+
+    @property
+    def uri(self) -> str:
+        """The source as a URI (never holds credentials)."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.prefix}"
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_source(source: str | os.PathLike[str] | Source) -> Source:
+    """Parse ``s3://bucket/prefix``, ``file:///path`` or a plain local path.
+
+    The URI may point at the folder (prefix) that holds ``chest_xray/`` or at ``chest_xray/``
+    itself, like the local manifest accepts.
+
+    Args:
+        source: the URI or path.
+
+    Returns:
+        A :class:`Source`.
+
+    Raises:
+        StorageError: unsupported scheme, malformed bucket, credentials or a query in the URI.
+    """
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, os.PathLike):
+        return Source(scheme="file", path=Path(source).expanduser())
+    text = str(source).strip()
+    if not text:
+        raise StorageError("empty dataset source (use s3://bucket/prefix, file:///path or a folder)")
+    if "://" not in text:
+        return Source(scheme="file", path=Path(text).expanduser())
+    scheme = text.split("://", 1)[0].lower()
+    parts = urlsplit(text)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"file URIs must be local (file:///path), got host {parts.netloc!r}")
+        return Source(scheme="file", path=Path(unquote(parts.path)))
+    if scheme != "s3":
+        raise StorageError(f"unsupported dataset source scheme {scheme!r}: use s3://bucket/prefix, file:///path or a folder")
+    if "@" in parts.netloc:
+        # Never echo the URI: it holds credentials.
+        raise StorageError("s3:// URIs must not contain credentials; use the AWS credential chain (env vars, profile, role)")
+    if parts.query or parts.fragment:
+        raise StorageError(f"s3 URI {text!r} must not have a query or fragment")
+    bucket = parts.netloc
+    if not _BUCKET.match(bucket):
+        raise StorageError(f"invalid bucket name {bucket!r} in {text!r} (3-63 lowercase letters, digits, '.', '-')")
+    prefix = parts.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    base = prefix
+    if prefix == "chest_xray/" or prefix.endswith("/chest_xray/"):
+        base = prefix[: -len("chest_xray/")]
+    return Source(scheme="s3", bucket=bucket, prefix=prefix, base=base)
+
+
+def redact(text: str) -> str:
+    """Remove credentials (URL user-info, AWS secret values from the environment) from ``text``."""
+    text = re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def unsafe_reason(relative: str) -> str | None:
+    """Why a key (relative to the dataset root) must not become a file under the cache, or None.
+
+    Refuses what could escape the cache or alias another file: absolute paths, ``.``/``..`` and
+    empty segments, backslashes, control characters, percent-encoded separators or dots (another
+    tool may decode them), and names too long for the filesystem.
+    """
+    if not relative:
+        return "empty key"
+    if relative.startswith("/"):
+        return "absolute path"
+    if "\\" in relative:
+        return "backslash in key"
+    if _CONTROL.search(relative):
+        return "control character in key"
+    if _ENCODED_SEPARATOR.search(relative):
+        return "percent-encoded dot or separator"
+    segments = relative.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "'.', '..' or empty path segment"
+    if any(len(segment.encode("utf-8", "surrogatepass")) > 255 for segment in segments):
+        return "path segment longer than 255 bytes"
+    return None
+
+
+def _no_images_message(where: str, listed: int, skipped: list[tuple[str, str]]) -> str:
+    hint = "expected keys like chest_xray/train/NORMAL/<name>.jpeg below the source"
+    if any(path.split("/")[0] in ("train", "val", "test") for path, _ in skipped):
+        hint = "the source seems to point inside chest_xray/: use the prefix that holds chest_xray/"
+    return f"no dataset images in {where} ({listed} objects listed; {hint})"
