@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/pneumo demo
+	$(BIN)/python -m flows.demo
 
 test: $(BIN)/.installed
 	$(BIN)/pytest
