@@ -26,14 +26,14 @@ DEMO_SCALE = 0.08  # 460 generated images: big enough to learn something, small 
 
 
 def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
-    """Demo parameters: 64 px, 4 epochs, all four models, ImageNet VGG16 only if the file is at hand.
+    """Demo parameters: 64 px, 8 epochs, all four models, ImageNet VGG16 only if the file is at hand.
 
     The recall floor is relaxed to 0.9: the generated validation set is small, so a threshold
     tuned on it carries over to the test set less tightly than on the real data.
     """
     from pneumo.config import RetrainParams
 
-    return RetrainParams(source=str(data_dir), epochs=4, image_size=64, batch_size=32,
+    return RetrainParams(source=str(data_dir), epochs=8, image_size=64, batch_size=32,
                          vgg16_weights="auto", min_recall=0.9)
 
 
