@@ -36,7 +36,7 @@ def xray_like_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
     height, width = int(size * 0.8), size
     y, x = np.mgrid[0:height, 0:width]
     images = []
-    for index in range(count):
+    for _ in range(count):
         cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
         body = 150 * np.exp(-(((x - cx) / (0.35 * width)) ** 2 + ((y - cy) / (0.4 * height)) ** 2))
         pixels = np.clip(body + rng.normal(40, 12, (height, width)), 0, 255).astype(np.uint8)

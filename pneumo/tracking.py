@@ -405,8 +405,8 @@ def log_candidate(
         for entity in (item.dataset for item in (parent.inputs.dataset_inputs if parent.inputs else [])):
             _log_dataset(client, run_id, entity, "training")
 
-        for key, path in (artifacts or {}).items():
-            path = Path(path)
+        for artifact in (artifacts or {}).values():
+            path = Path(artifact)
             if path.name == "metrics.json":
                 continue  # superseded by the complete metrics.json below
             client.log_artifact(run_id, str(path), "plots" if path.suffix.lower() == ".png" else "reports")

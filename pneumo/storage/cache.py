@@ -151,7 +151,7 @@ class _Cache:
     def sweep(self, keep: set[str]) -> int:
         """Delete files under the cache (outside ``.pneumo-cache``) that are not in ``keep``."""
         removed = 0
-        for directory, dirnames, filenames in os.walk(self.root, topdown=False):
+        for directory, _dirnames, filenames in os.walk(self.root, topdown=False):
             relative_dir = Path(directory).relative_to(self.root).as_posix()
             if relative_dir == META_DIR or relative_dir.startswith(META_DIR + "/"):
                 continue
