@@ -63,19 +63,12 @@ def main() -> int:
 
 def print_summary(result: dict, experiment: str) -> None:
     """Leaderboard, decision and where to look next."""
-    rows = result["leaderboard"]
+    import pandas as pd
+
+    from pneumo.pipeline import format_leaderboard
+
     print("\nLeaderboard (test metrics at the tuned threshold; score on validation)")
-    header = f"{'model':<10}{'accuracy':>9}{'recall':>8}{'spec':>7}{'F2':>7}{'AUC':>7}{'score':>7}{'thresh':>8}  status"
-    print(header)
-    print("-" * len(header))
-
-    def cell(value: object) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
-    for row in rows:
-        print(f"{row['model']:<10}{cell(row['accuracy']):>9}{cell(row['recall']):>8}{cell(row['specificity']):>7}"
-              f"{cell(row['f2']):>7}{cell(row['roc_auc']):>7}{cell(row['score (val)']):>7}"
-              f"{cell(row['threshold']):>8}  {row['status']}")
+    print(format_leaderboard(pd.DataFrame(result["leaderboard"])))
     decision = result.get("decision") or {}
     print(f"\nPromotion: {decision.get('outcome', 'none')}: {decision.get('reason', 'no candidate succeeded')}")
     print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri {os.environ['PNEUMO_TRACKING_URI']}"

@@ -58,16 +58,15 @@ def ingest(source: str) -> Record:
 @task(name="validate-data")
 def validate_data(root: str, manifest: list[Record], params: RetrainParams) -> Record:
     """Decode-check images, carve the patient-grouped validation split, fail early on short classes."""
-    from pneumo.data import Manifest, Skipped, validate_images
+    from pneumo.data import validate_images
     from pneumo.pipeline import prepare_data
 
     started = time.perf_counter()
     checked = validate_images(Path(root), pd.DataFrame.from_records(manifest))
-    prepared = prepare_data(Path(root), params.train_config(), manifest=Manifest(checked.frame, checked.skipped),
+    prepared = prepare_data(Path(root), params.train_config(), manifest=checked,
                             min_per_class=params.min_images_per_class, log=get_run_logger().warning)
     get_run_logger().info("data: %s", {k: prepared.report[k] for k in ("images", "patients", "subsets")})
     return {"manifest": prepared.frame.to_dict("records"), "report": prepared.report,
-            "skipped": [vars(s) for s in checked.skipped if isinstance(s, Skipped)],
             "seconds": time.perf_counter() - started}
 
 
@@ -138,22 +137,15 @@ def _run_link(tracking_uri: str, run_id: str | None) -> str:
 
 
 def leaderboard_rows(candidates: list[Record], decision: Record | None, tracking_uri: str) -> list[Record]:
-    """The leaderboard artifact: every candidate, best first, failed ones last."""
-    promoted = (decision or {}).get("candidate")
-    rows = []
-    for c in sorted(candidates, key=lambda c: (c["status"] != "ok", -(c["score"] or 0))):
-        test = c.get("test") or {}
-        status = "failed: " + c["error"][:200] if c["status"] != "ok" else (
-            f"selected ({(decision or {}).get('outcome', '-')})" if c["name"] == promoted else "ok")
-        rows.append({
-            "model": c["name"], "status": status,
-            **{k: None if k not in test else round(float(test[k]), 4)
-               for k in ("accuracy", "recall", "specificity", "f2", "roc_auc")},
-            "score (val)": None if c["score"] is None else round(float(c["score"]), 4),
-            "threshold": None if c["threshold"] is None else round(float(c["threshold"]), 4),
-            "mlflow run": _run_link(tracking_uri, c.get("run_id")),
-        })
-    return rows
+    """The leaderboard artifact: :func:`pneumo.pipeline.leaderboard` plus the decision and run links."""
+    from pneumo.pipeline import leaderboard
+
+    frame = leaderboard(candidates).round(4)
+    if decision is not None:
+        frame.loc[frame["model"] == decision["candidate"], "status"] = f"selected ({decision['outcome']})"
+    run_ids = {c["name"]: c.get("run_id") for c in candidates}
+    frame["mlflow run"] = [_run_link(tracking_uri, run_ids[name]) for name in frame["model"]]
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")  # JSON has no NaN
 
 
 def decision_markdown(decision: Record | None, rows: list[Record]) -> str:

@@ -56,7 +56,6 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"),
         description="MLflow tracking URI.",
     )
-    registry_uri: str | None = None
     experiment: str = "pneumonia-retraining"
     registered_model: str = "pneumonia-classifier"
     s3_endpoint_url: str | None = Field(

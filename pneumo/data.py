@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # TensorFlow costs seconds to import; only the pipeline funct
     import tensorflow as tf
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "split", "label", "patient_id", "bytes", "width", "height")
-SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 
 # Keras 2's ImageDataGenerator read shear_range in *degrees* (its docstring says so), so the
 # seed's shear_range=0.2 is a ±0.2° shear; RandomShear takes the affine shear factor tan(angle).

@@ -10,10 +10,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve, p
 
 from pneumo.layout import CLASSES
 
-METRIC_KEYS: tuple[str, ...] = (
-    "accuracy", "precision", "recall", "specificity", "f1", "f2", "youden_j", "roc_auc", "pr_auc",
-)
-
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,17 +172,22 @@ def run_candidate(
 LEADERBOARD_COLUMNS = ("model", "status", "accuracy", "recall", "specificity", "f2", "auc", "score", "threshold")
 
 
-def leaderboard(results: list[CandidateResult]) -> pd.DataFrame:
-    """One row per candidate (test metrics at the tuned threshold), best selection score first."""
+def leaderboard(results: Sequence[CandidateResult | Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per candidate (test metrics at the tuned threshold), best selection score first.
+
+    Args:
+        results: candidate results, or their :meth:`CandidateResult.summary` dicts (as flows pass them).
+    """
     rows = []
     for result in results:
-        test = result.test
+        summary = result.summary() if isinstance(result, CandidateResult) else result
+        ok = summary["status"] == "ok"
+        test = summary.get("test") or {}
         rows.append({
-            "model": result.name, "status": result.status if result.status == "ok" else f"failed: {result.error}",
+            "model": summary["name"], "status": "ok" if ok else f"failed: {summary['error'][:200]}",
             "accuracy": test.get("accuracy"), "recall": test.get("recall"),
             "specificity": test.get("specificity"), "f2": test.get("f2"), "auc": test.get("roc_auc"),
-            "score": result.score if result.status == "ok" else None,
-            "threshold": result.threshold if result.status == "ok" else None,
+            "score": summary["score"] if ok else None, "threshold": summary["threshold"] if ok else None,
         })
     frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
     return frame.sort_values("score", ascending=False, na_position="last", ignore_index=True)

@@ -24,7 +24,6 @@ from pneumo.layout import CLASSES
 
 KERAS_ARTIFACT = "keras_model"
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS: tuple[str, ...] = ("probability", "label")
 CHUNK = 64  # images per model call: bounds memory for large requests
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,14 +106,7 @@ class UploadReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
-            "target": self.target,
-            "endpoint": self.endpoint,
-            "uploaded": self.uploaded,
-            "unchanged": self.unchanged,
-            "bytes_uploaded": self.bytes_uploaded,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 def fingerprint(frame: pd.DataFrame) -> str:
