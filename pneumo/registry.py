@@ -138,10 +138,6 @@ class Decision(Mapping[str, Any]):
             "previous_champion": self.previous_champion, "aliases": dict(self.aliases),
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Same as :meth:`record`."""
-        return self.record()
-
     def __getitem__(self, key: str) -> Any:
         return self.record()[key]
 
@@ -556,7 +552,7 @@ def _log_decision(client: Any, decision: Decision) -> None:
     client.log_batch(decision.parent_run_id, metrics=metrics, tags=tags)
     with tempfile.TemporaryDirectory(prefix="pneumo-decision-") as tmp:
         path = Path(tmp) / "decision.json"
-        path.write_text(json.dumps(decision.to_dict(), indent=2, default=str))
+        path.write_text(json.dumps(decision.record(), indent=2, default=str))
         client.log_artifact(decision.parent_run_id, str(path), "promotion")
 
 
