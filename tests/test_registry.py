@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +243,33 @@ def test_promotion_lock_excludes_and_times_out(mlflow_uri, unique_name):
                                                                       registry.LOCK_EXPIRES_TAG: "0"})
     with registry.promotion_lock(client, name, timeout=5) as token:
         assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags[registry.LOCK_OWNER_TAG] == token
+
+
+@pytest.mark.skipif(registry._process_id(os.getpid()) is None, reason="needs Linux /proc to tell a live holder")
+def test_a_lock_whose_holder_died_on_this_machine_is_taken_over_at_once(mlflow_uri, unique_name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    name = unique_name("model")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = registry._process_id(holder.pid)
+        assert process is not None
+        # Held by a live process, far from expiry: others wait and give up.
+        client.create_registered_model(name + registry.LOCK_SUFFIX, tags={
+            registry.LOCK_OWNER_TAG: "the-holder", registry.LOCK_EXPIRES_TAG: str(time.time() + 3600),
+            registry.LOCK_PROCESS_TAG: process})
+        with pytest.raises(PromotionError, match="the-holder"):
+            with registry.promotion_lock(client, name, timeout=1, poll=0.2):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is dead (and reaped): the next promotion takes the lock without waiting for the hour.
+    started = time.monotonic()
+    with registry.promotion_lock(client, name, timeout=30) as token:
+        assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags[registry.LOCK_OWNER_TAG] == token
+    assert time.monotonic() - started < 10
 
 
 def test_a_failure_midway_leaves_no_version_and_no_alias(mlflow_uri, unique_name, model, test_set):
