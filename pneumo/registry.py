@@ -302,8 +302,7 @@ def promotion_lock(
         holder = _read_lock(client, lock_name)
         if holder is not None and holder.owner == token:
             break  # our create succeeded but its reply was lost and the client retried
-        abandoned = _abandoned(holder) if holder is not None else None
-        if holder is not None and abandoned:
+        if holder is not None and (abandoned := _abandoned(holder)):
             # Its holder crashed: take it over, re-checking the owner right before deleting so we
             # do not delete a lock someone else has just taken over.
             again = _read_lock(client, lock_name)
