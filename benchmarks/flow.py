@@ -1,14 +1,18 @@
-"""Retraining flow: orchestration overhead, and four candidates in parallel vs one after another.
+"""Retraining flow: orchestration overhead, and how busy the cores are while four candidates train.
 
-Usage: python benchmarks/flow.py [--scale 0.08] [--epochs 4] [--image-size 64] [--workdir DIR]
+Usage: python benchmarks/flow.py [--layouts sequential,parallel] [--workdir DIR] [demo overrides]
 
 Starts a Prefect server on 127.0.0.1 (its own PREFECT_HOME under the work folder), tracks to a
-sqlite MLflow store, and runs the `retrain` flow on the demo configuration twice:
-  1. sequential: the thread runner with one worker, so candidates train one after another;
-     overhead = flow wall time − the sum of the task bodies (timed inside each task);
-  2. parallel: a local Dask cluster of two worker processes, each declaring GPU=1 (one candidate
-     per worker at a time), TensorFlow limited to 1 thread per worker so they share the cores.
-Prints the figures and the ratios.
+sqlite MLflow store, and runs the `retrain` flow on the demo's dataset and parameters
+(flows/demo.py) once per layout:
+  sequential  the thread runner with one worker: candidates train one after another (baseline);
+  parallel    the flow's default: the thread runner with one worker per candidate, all in one
+              process sharing TensorFlow's thread pools;
+  dask        a local Dask cluster of two worker processes (GPU=1 each, one candidate per worker).
+For each it prints the flow's wall time, the orchestration overhead (wall − the sum of the task
+bodies, timed inside each task) and the process CPU time ÷ wall time over the training phase
+(first candidate start → last candidate end), sampled every 0.25 s; on a machine with N cores
+N is the most that ratio can reach. Ratios are against the sequential layout of the same run.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,11 +58,76 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("prefect server did not start; see " + str(home / "server.log"))
 
 
+class CpuSampler:
+    """Process CPU seconds (this process and its children) sampled against wall-clock time."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._period, self._stop = period, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self) -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._cpu()))
+            self._stop.wait(self._period)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), self._cpu()))
+
+    def ratio(self, start: float, end: float) -> float:
+        """CPU seconds ÷ wall seconds between two wall-clock times (nearest samples)."""
+        inside = [(t, c) for t, c in self.samples if start <= t <= end] or self.samples
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def measure(layout: str, params: Any, dask_worker_env: dict[str, str]) -> dict[str, Any]:
+    """Run the flow once in ``layout``; wall time, overhead and the training phase's CPU ÷ wall."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.retrain import retrain
+
+    if layout == "dask":
+        from distributed import LocalCluster
+        from prefect_dask import DaskTaskRunner
+
+        os.environ.update(dask_worker_env)
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                          dashboard_address=None, host="127.0.0.1") as cluster, CpuSampler() as cpu:
+            started = time.perf_counter()
+            result = retrain.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(
+                params=params)
+            wall = time.perf_counter() - started
+        for key in dask_worker_env:
+            os.environ.pop(key, None)
+    else:
+        workers = 1 if layout == "sequential" else len(params.candidates)
+        with CpuSampler() as cpu:
+            started = time.perf_counter()
+            result = retrain.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(params=params)
+            wall = time.perf_counter() - started
+    trained = [c for c in result["candidates"] if c["status"] == "ok"]
+    phase_start, phase_end = min(c["started"] for c in trained), max(c["finished"] for c in trained)
+    return {"wall": wall, "bodies": sum(result["task_seconds"].values()), "train_phase": phase_end - phase_start,
+            "cpu_ratio": cpu.ratio(phase_start, phase_end), "tasks": result["task_seconds"],
+            "statuses": {c["name"]: c["status"] for c in result["candidates"]},
+            "auc": {row["model"]: row["auc"] for row in result["leaderboard"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=0.08)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--layouts", default="sequential,parallel", help="comma list of sequential, parallel, dask")
+    parser.add_argument("--epochs", type=int, help="override the demo's epochs")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
 
@@ -75,45 +146,30 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    from distributed import LocalCluster
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
-
-    from flows.retrain import retrain
-    from pneumo.config import RetrainParams
-    from pneumo.synthetic import generate_dataset
+    from flows.demo import demo_params, generate_demo_dataset
 
     data = workdir / "data"
-    if not (data / "chest_xray").is_dir():
-        generate_dataset(data, seed=0, scale=args.scale, image_kind="small")
-
-    def params(tag: str) -> RetrainParams:
-        return RetrainParams(source=str(data), epochs=args.epochs, image_size=args.image_size, vgg16_weights="none",
-                             min_recall=0.0, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
-                             experiment=f"flow-bench-{tag}", registered_model=f"flow-bench-{tag}")
-
-    started = time.perf_counter()
-    sequential = retrain.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(params=params("seq"))
-    sequential_wall = time.perf_counter() - started
-    bodies = sum(sequential["task_seconds"].values())
-
-    os.environ["PNEUMO_TF_THREADS"] = "1"  # two worker processes on 2 cores: one TF thread each
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
-                      dashboard_address=None, host="127.0.0.1") as cluster:
-        started = time.perf_counter()
-        parallel = retrain.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(
-            params=params("par"))
-        parallel_wall = time.perf_counter() - started
-
-    print(f"demo config: scale {args.scale}, {args.image_size}px, {args.epochs} epochs, 4 candidates, "
-          f"{os.cpu_count()} cores")
-    print("sequential task bodies (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sequential["task_seconds"].items()))
-    print(f"sequential flow wall {sequential_wall:.1f} s, task bodies {bodies:.1f} s, "
-          f"orchestration overhead {sequential_wall - bodies:.1f} s = {(sequential_wall - bodies) / sequential_wall:.1%}")
-    print(f"parallel (2 Dask workers, GPU=1 each) flow wall {parallel_wall:.1f} s; "
-          f"sequential / parallel = {sequential_wall / parallel_wall:.2f}×")
-    for name, result in (("sequential", sequential), ("parallel", parallel)):
-        print(f"{name}: " + ", ".join(f"{c['name']} {c['status']}" for c in result["candidates"]))
+    generate_demo_dataset(data)
+    cores = os.cpu_count() or 1
+    results = {}
+    for layout in args.layouts.split(","):
+        params = demo_params(data).model_copy(update={
+            "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": f"flow-bench-{layout}",
+            "registered_model": f"flow-bench-{layout}"})
+        if args.epochs:
+            params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": args.epochs})})
+        # Two Dask worker processes on this machine: each gets its share of TensorFlow's threads.
+        results[layout] = measure(layout, params, {"PNEUMO_TF_THREADS": str(max(1, cores // 2))})
+        found = results[layout]
+        print(f"{layout:<11} wall {found['wall']:6.1f} s  overhead {found['wall'] - found['bodies']:5.1f} s "
+              f"({(found['wall'] - found['bodies']) / found['wall']:.1%})  training phase {found['train_phase']:6.1f} s  "
+              f"CPU ÷ wall {found['cpu_ratio']:.2f} (of {cores})", flush=True)
+        print("            tasks: " + ", ".join(f"{k} {v:.1f}" for k, v in found["tasks"].items()))
+        print("            test AUC: " + ", ".join(f"{k} {v}" for k, v in found["auc"].items()))
+    if "sequential" in results:
+        base = results["sequential"]["wall"]
+        for layout, found in results.items():
+            print(f"sequential ÷ {layout} wall: {base / found['wall']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -83,12 +83,13 @@ def measure(name: str, images: list[bytes], pixels: np.ndarray, seconds: float, 
     import tensorflow as tf
 
     from pneumo import serving
+    from pneumo.packaging import save_serving_model
     from pneumo.models import build_model
 
     image_size = pixels.shape[1]
     keras.utils.set_random_seed(0)
     model = build_model(name, image_size, vgg16_weights="none")  # speed does not depend on weights
-    path = serving.save_serving_model(models_dir / f"model-{name}", model, threshold=0.5,
+    path = save_serving_model(models_dir / f"model-{name}", model, threshold=0.5,
                                       image_size=image_size, candidate=name)
     pyfunc = mlflow.pyfunc.load_model(str(path))
     keras_model = pyfunc.unwrap_python_model().model  # the very Keras model the pyfunc calls

@@ -43,14 +43,15 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from pneumo.data import build_manifest, make_dataset
+    from pneumo.data import make_dataset
+    from pneumo.storage import sync
     from pneumo.synthetic import generate_dataset
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pneumo-bench-"))
     if not (workdir / "chest_xray").is_dir():
         # Real-size images (900-2000 px wide, like the Kaggle JPEGs); scale sized to the image count.
         generate_dataset(workdir, seed=1, scale=args.images / 5856, image_kind="real")
-    frame = build_manifest(workdir).frame
+    frame = sync(workdir, None).frame
     frame = frame[frame["split"] == "train"]
     n = len(frame)
     mean_width = frame["width"].mean()

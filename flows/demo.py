@@ -31,16 +31,18 @@ def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after
     The recall floor is relaxed to 0.9: the generated validation set is small, so a threshold
     tuned on it carries over to the test set less tightly than on the real data.
     """
-    from pneumo.config import RetrainParams
+    from pneumo.config import Gate, RetrainParams, TrainConfig
 
-    return RetrainParams(source=str(data_dir), epochs=8, image_size=64, batch_size=32,
-                         vgg16_weights="auto", min_recall=0.9)
+    return RetrainParams(source=str(data_dir), train=TrainConfig(epochs=8, image_size=64, batch_size=32,
+                                                                 vgg16_weights="auto"),
+                         gate=Gate(min_recall=0.9))
 
 
 def main() -> int:
     """Run the demo; returns the process exit code."""
     for key, value in DEMO_DEFAULTS.items():
         os.environ.setdefault(key, value)  # before Prefect/TensorFlow read their settings
+    from pneumo.config import Settings
     from pneumo.errors import PneumoError
     from pneumo.synthetic import generate_dataset
 
@@ -57,7 +59,7 @@ def main() -> int:
     except PneumoError as error:
         print(f"pneumo demo: error: {error}", file=sys.stderr)
         return 2
-    print_summary(result, params.experiment or "pneumonia-retraining")
+    print_summary(result, params.resolved(Settings()).experiment)
     return 0
 
 
@@ -65,7 +67,7 @@ def print_summary(result: dict, experiment: str) -> None:
     """Leaderboard, decision and where to look next."""
     import pandas as pd
 
-    from pneumo.pipeline import format_leaderboard
+    from pneumo.leaderboard import format_leaderboard
 
     print("\nLeaderboard (test metrics at the tuned threshold; score on validation)")
     print(format_leaderboard(pd.DataFrame(result["leaderboard"])))

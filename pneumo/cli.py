@@ -6,14 +6,19 @@ import argparse
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from typing import TypeVar
 
-from pneumo.config import MODEL_NAMES, TrainConfig
+from pydantic import BaseModel, ValidationError
+
+from pneumo.config import Gate, Settings, TrainConfig
 from pneumo.errors import PneumoError
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up banner buries our progress lines; errors still show.
@@ -40,38 +45,31 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from flags; unset flags keep the defaults."""
-    overrides = {
-        key: value
-        for key, value in {
-            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
-            "seed": args.seed, "learning_rate": args.learning_rate, "vgg16_weights": args.vgg16_weights,
-            "recall_target": args.recall_target, "score_weight": args.score_weight,
-            "val_fraction": args.val_fraction,
-            "class_weights": False if args.no_class_weights else None,
-            "early_stopping": True if args.early_stopping else None,
-            "augment": False if args.no_augment else None,
-        }.items()
-        if value is not None
-    }
-    return TrainConfig.model_validate(overrides)
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], only: Sequence[str] | None = None) -> None:
+    """One flag per field of a config model (``--image-size``, ``--augment/--no-augment``), defaults from the model."""
+    for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = f"{field.description or ''} (default {field.get_default(call_default_factory=True)})".strip()
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            types = typing.get_args(field.annotation) or (field.annotation,)  # float | None → (float, None)
+            kind = next((t for t in (int, float) if t in types), str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=text)
+
+
+def _model_from_flags(args: argparse.Namespace, model: type[ConfigModel]) -> ConfigModel:
+    """A config model from the flags that were given; the rest keep the model's defaults."""
+    given = {name: value for name in model.model_fields if (value := getattr(args, name, None)) is not None}
+    return model.model_validate(given)
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--learning-rate", type=float, help="override every model's seed learning rate")
-    parser.add_argument("--vgg16-weights", help="'imagenet' (Keras cache file), a .h5 path, or 'none'")
-    parser.add_argument("--recall-target", type=float, help="validation recall the threshold must keep")
-    parser.add_argument("--score-weight", type=float, help="w in (w*recall + specificity)/(w+1)")
-    parser.add_argument("--val-fraction", type=float, help="share of train patients held out")
-    parser.add_argument("--no-class-weights", action="store_true")
-    parser.add_argument("--early-stopping", action="store_true")
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(".pneumo/runs"), help="where plots and metrics go")
+    _add_model_flags(parser, TrainConfig)
+    _add_model_flags(parser, Gate, only=("score_weight",))
+    parser.add_argument("--out", type=Path, default=Path(".pneumo/runs"), help="where plots go")
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
@@ -141,34 +139,43 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from pneumo.data import assign_subsets, build_manifest
-    from pneumo.pipeline import data_report
+    from pneumo.pipeline import prepare_source
 
-    manifest = build_manifest(args.data, progress=_progress("checking images"))
-    report = data_report(manifest, assign_subsets(manifest.frame, args.val_fraction, args.seed))
+    config = TrainConfig(val_fraction=args.val_fraction, seed=args.seed)
+    data = prepare_source(str(args.data), Settings(), config, log=_log, progress=_progress("checking images"))
     if args.csv:
-        manifest.frame.to_csv(args.csv, index=False)
+        data.frame.to_csv(args.csv, index=False)
     if args.json:
-        _print_json(report)
+        _print_json(data.report)
     else:
-        print(f"{report['images']} images, {report['patients']} patients")
-        for subset, counts in report["subsets"].items():
+        print(f"{data.report['images']} images, {data.report['patients']} patients")
+        for subset, counts in data.report["subsets"].items():
             print(f"  {subset:<11}" + "  ".join(f"{label} {count}" for label, count in counts.items()))
-        for reason, count in report["skipped"].items():
+        for reason, count in data.report["ingest"]["skipped_by_reason"].items():
             print(f"  skipped {count} ({reason})")
+        if data.report["bad_images"]:
+            print(f"  skipped {len(data.report['bad_images'])} (bad-image)")
     return 0
 
 
-def _train_and_rank(models: Sequence[str], data_dir: Path, config: TrainConfig, out: Path, as_json: bool) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from pneumo.pipeline import best_candidate, format_leaderboard, leaderboard, prepare_data, run_candidate
+    from pneumo.leaderboard import format_leaderboard, leaderboard
+    from pneumo.models import list_models, model_spec
+    from pneumo.pipeline import best_candidate, prepare_source, run_candidate
 
-    data = prepare_data(data_dir, config, log=_log)
+    models = list_models() if args.model == "all" else args.model.split(",")
+    for name in models:
+        model_spec(name)  # fails fast on a bad name, before data work
+    config = _model_from_flags(args, TrainConfig)
+    gate = _model_from_flags(args, Gate)
+    data = prepare_source(str(args.data), Settings(), config, log=_log)
     subsets = ", ".join(f"{s} {sum(c.values())}" for s, c in data.report["subsets"].items())
     _log(f"dataset: {subsets}; class weights {({k: round(v, 2) for k, v in data.class_weight.items()})}")
-    results = [run_candidate(name, data, config, out, log=_log) for name in models]
+    results = [run_candidate(name, data, config, args.out, score_weight=gate.score_weight, log=_log)
+               for name in models]
     best = best_candidate(results)
-    if as_json:
+    if args.json:
         _print_json({"data": data.report, "candidates": [r.summary() for r in results],
                      "best": best.name if best else None})
     else:
@@ -178,19 +185,9 @@ def _train_and_rank(models: Sequence[str], data_dir: Path, config: TrainConfig, 
     return 0 if best else 1
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    models = list(MODEL_NAMES) if args.model == "all" else args.model.split(",")
-    from pneumo.models import model_spec  # fails fast on a bad name, before data work
-
-    for name in models:
-        model_spec(name)
-    return _train_and_rank(models, args.data, _train_config(args), args.out, args.json)
-
-
 def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
     """(tracking URI, registered model) from flags or settings; fails fast if MLflow is unreachable."""
-    from pneumo.config import Settings
-    from pneumo.tracking import check_tracking_server
+    from pneumo.mlflow_client import check_tracking_server
 
     settings = Settings()
     uri = args.tracking_uri or settings.tracking_uri
@@ -209,7 +206,7 @@ def _cmd_champion(args: argparse.Namespace) -> int:
     from pneumo.registry import champion_info
 
     uri, model = _registry_target(args)
-    info = champion_info(tracking_uri=uri, model_name=model)
+    info = champion_info(model, tracking_uri=uri)
     if args.json:
         _print_json(info)
     elif info is None:
@@ -223,7 +220,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from pneumo.registry import rollback
 
     uri, model = _registry_target(args)
-    info = rollback(tracking_uri=uri, model_name=model)
+    info = rollback(model, tracking_uri=uri)
     if args.json:
         _print_json(info)
     else:
@@ -234,40 +231,31 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> tuple[list[bytes], list[int]]:
     """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does)."""
-    import hashlib
-
-    from pneumo.config import Settings
-    from pneumo.registry import read_test_set
-    from pneumo.tracking import retraining_dataset
+    from pneumo.pipeline import ingest, read_test_set
+    from pneumo.runs import retraining_dataset
 
     if args.data:
-        from pneumo.data import build_manifest
-
-        return read_test_set(args.data, build_manifest(args.data).frame)
-    from pneumo.storage import sync
-
-    settings = Settings()
-    source, fingerprint = retraining_dataset(run_id, tracking_uri=uri)
-    cache = settings.home / "cache" / hashlib.sha256(source.encode()).hexdigest()[:12]
-    _log(f"syncing the retraining's dataset {source} ...")
-    result = sync(source, cache, endpoint_url=settings.s3_endpoint_url, progress=_progress("syncing"))
-    if fingerprint and result.fingerprint != fingerprint:
-        _log(f"note: {source} changed since the retraining (fingerprint {result.fingerprint[:12]} "
-             f"vs {fingerprint[:12]}); evaluating on the current test split")
+        result = ingest(str(args.data), Settings())
+    else:
+        source, fingerprint = retraining_dataset(run_id, tracking_uri=uri)
+        _log(f"syncing the retraining's dataset {source} ...")
+        result = ingest(source, Settings(), progress=_progress("syncing"))
+        if fingerprint and result.fingerprint != fingerprint:
+            _log(f"note: {source} changed since the retraining (fingerprint {result.fingerprint[:12]} "
+                 f"vs {fingerprint[:12]}); evaluating on the current test split")
     return read_test_set(result.root, result.frame)
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from pneumo.config import Settings
-    from pneumo.registry import latest_retraining, promote
+    from pneumo.registry import promote
+    from pneumo.runs import latest_retraining
 
+    gate = _model_from_flags(args, Gate)  # a bad flag fails before any MLflow or data work
     uri, model = _registry_target(args)
     run_id = args.run_id or latest_retraining(args.experiment or Settings().experiment, tracking_uri=uri)
     images, labels = _promotion_test_set(args, run_id, uri)
-    decision = promote(run_id, test_images=images, test_labels=labels, tracking_uri=uri, registered_model=model,
-                       min_recall=args.min_recall, min_specificity=args.min_specificity, margin=args.margin,
-                       score_weight=args.score_weight, dry_run=args.dry_run)
+    decision = promote(run_id, images, labels, gate=gate, model_name=model, tracking_uri=uri, dry_run=args.dry_run)
     if args.json:
         _print_json(decision.record())
     else:
@@ -322,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.set_defaults(handler=_cmd_manifest)
 
     train = sub.add_parser("train", help="train candidates on a local dataset and print a leaderboard")
-    train.add_argument("model", help=f"one of {', '.join(MODEL_NAMES)}, a comma list, or 'all'")
+    train.add_argument("model", help="a model name, a comma list of them, or 'all'")
     train.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/")
     _add_train_flags(train)
     train.set_defaults(handler=_cmd_train)
@@ -333,10 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the retraining's own dataset source)")
     promote.add_argument("--experiment", help="MLflow experiment (default PNEUMO_EXPERIMENT)")
     promote.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
-    promote.add_argument("--min-recall", type=float, default=0.95)
-    promote.add_argument("--min-specificity", type=float, default=0.0)
-    promote.add_argument("--margin", type=float, default=0.0, help="score the champion must be beaten by")
-    promote.add_argument("--score-weight", type=float, default=2.0)
+    _add_model_flags(promote, Gate)
     _add_registry_flags(promote)
     promote.set_defaults(handler=_cmd_promote)
 

@@ -1,48 +1,67 @@
-"""Typed configuration: what to train (TrainConfig) apart from where things live (Settings)."""
+"""Typed configuration: one parameter tree for a retraining (RetrainParams) apart from where things live (Settings).
+
+Every default is written once, here. Model names come from the registry in :mod:`pneumo.models`,
+imported only when a name is validated (it imports Keras, which costs seconds).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MODEL_NAMES: tuple[str, ...] = ("dense", "cnn", "cnn_deep", "vgg16")
+DEFAULT_REGISTERED_MODEL = "pneumonia-classifier"
+DEFAULT_EXPERIMENT = "pneumonia-retraining"
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 
 
-class TrainConfig(BaseModel):
+class _Strict(BaseModel):
+    """Unknown keys fail (a typo in ``--param`` must not be ignored); NaN and infinity never pass."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TrainConfig(_Strict):
     """Everything that decides what a training run produces. Defaults are the seed article's."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    image_size: int = Field(120, ge=16, le=512, description="Square input side in pixels.")
+    image_size: int = Field(120, ge=32, le=512, description="Square input side in pixels.")
     batch_size: int = Field(32, ge=1, le=1024)
     epochs: int = Field(20, ge=1, le=500)
     seed: int = Field(42, ge=0)
-    learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="Override the model's own seed learning rate."
-    )
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Override every model's seed learning rate.")
     class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
     early_stopping: bool = Field(False, description="Stop when validation loss stops improving.")
-    patience: int = Field(3, ge=1, le=100)
+    patience: int = Field(3, ge=1, le=100, description="Epochs without improvement before early stopping.")
     augment: bool = Field(True, description="Seed augmentation (shear 0.2, zoom 0.2) on train only.")
     mixed_precision: bool = Field(True, description="float16 compute on a GPU; ignored on CPU.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of train patients held out.")
-    recall_target: float = Field(0.95, gt=0, le=1, description="Threshold tuning target on validation.")
-    score_weight: float = Field(2.0, ge=0, le=100, description="w in (w*recall + specificity)/(w+1).")
+    recall_target: float = Field(0.95, gt=0, le=1, description="Validation recall the tuned threshold keeps.")
     vgg16_weights: str = Field(
         "imagenet",
         description="'imagenet' (Keras cache file), 'auto' (that file if present, else random), "
         "a path to the no-top .h5 file, or 'none'.",
+    )
+    vgg16_learning_rate: float | None = Field(
+        None, gt=0, lt=1, description="VGG16's learning rate when it starts from random weights "
+        "(the seed's 1e-5 is for fine-tuning ImageNet weights).",
     )
 
     @field_validator("vgg16_weights")
     @classmethod
     def _weights_spec(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("vgg16_weights must be 'imagenet', 'none' or a file path")
+            raise ValueError("vgg16_weights must be 'imagenet', 'auto', 'none' or a file path")
         return value.strip()
+
+
+class Gate(_Strict):
+    """Promotion gate: absolute floors on test metrics plus "reaches the champion's score + margin"."""
+
+    min_recall: float = Field(0.95, ge=0, le=1, description="Floor on test recall at the tuned threshold.")
+    min_specificity: float = Field(0.0, ge=0, le=1, description="Floor on test specificity.")
+    margin: float = Field(0.0, ge=-1, le=1, description="Test score the challenger must beat the champion by.")
+    score_weight: float = Field(2.0, ge=0, le=100, description="w in the score (w·recall + specificity)/(w+1).")
 
 
 class Settings(BaseSettings):
@@ -56,50 +75,65 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"),
         description="MLflow tracking URI.",
     )
-    experiment: str = "pneumonia-retraining"
-    registered_model: str = "pneumonia-classifier"
+    experiment: str = DEFAULT_EXPERIMENT
+    registered_model: str = Field(DEFAULT_REGISTERED_MODEL, pattern=REGISTERED_MODEL_PATTERN)
     s3_endpoint_url: str | None = Field(
         None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works."
     )
+    tf_threads: int | None = Field(
+        None, ge=1, description="TensorFlow intra-op threads per worker process (several workers per machine)."
+    )
 
 
-class RetrainParams(BaseModel):
+def _all_models() -> list[str]:
+    from pneumo.models import list_models
+
+    return list_models()
+
+
+class RetrainParams(_Strict):
     """The retraining flow's one parameter (validated by Prefect for ``deployment run --param``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     source: str = Field(".pneumo/demo-data", description="s3://bucket/prefix, file:// URI or local folder.")
-    candidates: list[Literal["dense", "cnn", "cnn_deep", "vgg16"]] = Field(
-        default_factory=lambda: list(MODEL_NAMES), min_length=1, description="Models to train."
-    )
-    epochs: int = Field(20, ge=1, le=500)
-    image_size: int = Field(120, ge=32, le=512)
-    batch_size: int = Field(32, ge=1, le=1024)
-    seed: int = Field(42, ge=0)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    early_stopping: bool = False
-    vgg16_weights: str = "imagenet"
-    recall_target: float = Field(0.95, gt=0, le=1, description="Validation recall the threshold keeps.")
-    score_weight: float = Field(2.0, ge=0, le=100)
-    min_recall: float = Field(0.95, ge=0, le=1, description="Promotion floor on test recall.")
-    min_specificity: float = Field(0.0, ge=0, le=1, description="Promotion floor on test specificity.")
-    margin: float = Field(0.0, ge=-1, le=1, description="Score the challenger must beat the champion by.")
-    registered_model: str = Field("pneumonia-classifier", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    candidates: list[str] = Field(default_factory=_all_models, min_length=1, description="Models to train.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: Gate = Field(default_factory=Gate)
+    registered_model: str | None = Field(
+        None, pattern=REGISTERED_MODEL_PATTERN, description="Registered model; default: the worker's settings.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
     min_images_per_class: int = Field(2, ge=1, description="Fail early below this per subset and class.")
 
     @field_validator("candidates")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
+    def _known_and_unique(cls, value: list[str]) -> list[str]:
+        from pneumo.errors import ModelError
+        from pneumo.models import model_spec
+
         if len(set(value)) != len(value):
             raise ValueError(f"candidates must not repeat: {value}")
+        for name in value:
+            try:
+                model_spec(name)
+            except ModelError as error:  # pydantic reports ValueErrors as validation errors
+                raise ValueError(str(error)) from None
         return value
 
-    def train_config(self) -> TrainConfig:
-        """The shared training config every candidate uses."""
-        return TrainConfig(
-            image_size=self.image_size, batch_size=self.batch_size, epochs=self.epochs, seed=self.seed,
-            val_fraction=self.val_fraction, early_stopping=self.early_stopping,
-            vgg16_weights=self.vgg16_weights, recall_target=self.recall_target, score_weight=self.score_weight,
-        )
+    @model_validator(mode="after")
+    def _image_size_fits_every_candidate(self) -> RetrainParams:
+        from pneumo.models import model_spec
+
+        too_small = [f"{name} needs ≥ {model_spec(name).min_image_size}" for name in self.candidates
+                     if self.train.image_size < model_spec(name).min_image_size]
+        if too_small:
+            raise ValueError(f"train.image_size {self.train.image_size} is too small: {', '.join(too_small)}")
+        return self
+
+    def resolved(self, settings: Settings) -> RetrainParams:
+        """A copy with the worker's settings filled in where the parameter left them unset."""
+        return self.model_copy(update={
+            "tracking_uri": self.tracking_uri or settings.tracking_uri,
+            "experiment": self.experiment or settings.experiment,
+            "registered_model": self.registered_model or settings.registered_model,
+        })
+

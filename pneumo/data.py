@@ -1,10 +1,8 @@
-"""Dataset on disk → validated manifest → patient-grouped splits → tf.data input pipelines."""
+"""An ingested manifest → decode-checked images → patient-grouped subsets → tf.data input pipelines."""
 
 from __future__ import annotations
 
 import math
-import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,12 +14,11 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from pneumo.errors import DataError
-from pneumo.layout import CLASSES, SPLITS, ImageKey, Ignored, classify
+from pneumo.layout import CLASSES
+from pneumo.storage.report import MANIFEST_COLUMNS
 
 if TYPE_CHECKING:  # TensorFlow costs seconds to import; only the pipeline functions need it.
     import tensorflow as tf
-
-MANIFEST_COLUMNS: tuple[str, ...] = ("path", "split", "label", "patient_id", "bytes", "width", "height")
 
 # Keras 2's ImageDataGenerator read shear_range in *degrees* (its docstring says so), so the
 # seed's shear_range=0.2 is a ±0.2° shear; RandomShear takes the affine shear factor tan(angle).
@@ -31,38 +28,18 @@ SEED_ZOOM = 0.2
 
 @dataclass(frozen=True)
 class Skipped:
-    """A path left out of the manifest and why (quirk files, undecodable images)."""
+    """An image left out of the manifest and why (it does not decode)."""
 
     path: str
     reason: str
 
 
 @dataclass
-class Manifest:
-    """The dataset's images (one row each) plus everything that was left out, with reasons."""
+class CheckedImages:
+    """The manifest's images that decode (with ``width``/``height``) and the ones that do not."""
 
     frame: pd.DataFrame
-    skipped: list[Skipped] = field(default_factory=list)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Images per on-disk split and class name."""
-        return counts_by(self.frame, "split")
-
-    def skipped_counts(self) -> dict[str, int]:
-        """How many paths were left out, by reason."""
-        return dict(Counter(item.reason for item in self.skipped))
-
-    def bad_images(self) -> list[Skipped]:
-        """Files in the layout that could not be decoded (quirk files such as .DS_Store excluded)."""
-        return [item for item in self.skipped if item.reason.startswith("bad-image")]
-
-
-def counts_by(frame: pd.DataFrame, column: str) -> dict[str, dict[str, int]]:
-    """Image counts per value of ``column`` and class name."""
-    result: dict[str, dict[str, int]] = {}
-    for (group, label), count in frame.groupby([column, "label"]).size().items():
-        result.setdefault(str(group), {})[CLASSES[int(label)]] = int(count)
-    return result
+    bad: list[Skipped] = field(default_factory=list)
 
 
 def inspect_image(path: Path) -> tuple[int, int] | str:
@@ -91,85 +68,23 @@ def inspect_image(path: Path) -> tuple[int, int] | str:
         return f"bad-image: {str(error).splitlines()[0][:120]}"
 
 
-def find_dataset_root(root: Path) -> Path:
-    """Accept either the folder holding ``chest_xray/`` or ``chest_xray/`` itself.
-
-    Raises:
-        DataError: the folder does not exist or has no Kaggle layout in it.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist")
-    if (root / "chest_xray").is_dir():
-        return root
-    if root.name == "chest_xray" and any((root / split).is_dir() for split in SPLITS):
-        return root.parent
-    raise DataError(
-        f"{root} has no chest_xray/{{train,val,test}}/{{NORMAL,PNEUMONIA}} layout "
-        "(point at the folder that contains chest_xray/)"
-    )
-
-
-def build_manifest(
-    root: Path,
-    *,
-    workers: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-) -> Manifest:
-    """List and validate every dataset image under ``root``.
-
-    Args:
-        root: folder containing ``chest_xray/`` (or that folder itself).
-        workers: threads decoding images for validation (PIL releases the GIL while decoding).
-        progress: called with (done, total) while images are checked.
-
-    Returns:
-        A :class:`Manifest`; quirk files and undecodable images are in ``skipped`` with reasons.
-
-    Raises:
-        DataError: wrong layout, or no image at all.
-    """
-    root = find_dataset_root(root)
-    keys: list[ImageKey] = []
-    skipped: list[Skipped] = []
-    # Walk the whole root, not just chest_xray/, so the zip's __MACOSX/ clutter is reported too.
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for filename in sorted(filenames):
-            relative = (Path(directory) / filename).relative_to(root).as_posix()
-            verdict = classify(relative)
-            if isinstance(verdict, Ignored):
-                skipped.append(Skipped(verdict.path, verdict.reason))
-            else:
-                keys.append(verdict)
-    if not keys:
-        raise DataError(f"no dataset images found under {root / 'chest_xray'}")
-
-    frame = pd.DataFrame(
-        [{"path": k.path, "split": k.split, "label": k.label, "patient_id": k.patient_id,
-          "bytes": (root / k.path).stat().st_size} for k in keys]
-    )
-    checked = validate_images(root, frame, workers=workers, progress=progress)
-    return Manifest(frame=checked.frame, skipped=skipped + checked.skipped)
-
-
 def validate_images(
     root: Path,
     frame: pd.DataFrame,
     *,
     workers: int = 8,
     progress: Callable[[int, int], None] | None = None,
-) -> Manifest:
-    """Decode-check every image of a manifest frame (e.g. one synced from object storage).
+) -> CheckedImages:
+    """Decode-check every image of an ingested manifest frame.
 
     Args:
         root: folder the frame's paths are relative to.
-        frame: rows with at least ``path``, ``split``, ``label``, ``patient_id``, ``bytes``.
+        frame: manifest rows (:data:`pneumo.storage.MANIFEST_COLUMNS`).
         workers: threads decoding images (PIL releases the GIL while decoding).
         progress: called with (done, total).
 
     Returns:
-        The good rows, with ``width`` and ``height`` filled in, and the bad ones in ``skipped``.
+        The good rows, with ``width`` and ``height`` added, and the bad ones with their reasons.
     """
     verdicts: list[tuple[int, int] | str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -181,9 +96,10 @@ def validate_images(
     result = frame.loc[good].copy()
     result["width"] = [v[0] for v in verdicts if not isinstance(v, str)]
     result["height"] = [v[1] for v in verdicts if not isinstance(v, str)]
-    skipped = [Skipped(path, v) for path, v in zip(frame["path"], verdicts) if isinstance(v, str)]
-    columns = list(MANIFEST_COLUMNS) + [c for c in result.columns if c not in MANIFEST_COLUMNS]
-    return Manifest(frame=result[columns].sort_values("path", ignore_index=True), skipped=skipped)
+    bad = [Skipped(path, v) for path, v in zip(frame["path"], verdicts) if isinstance(v, str)]
+    columns = [c for c in MANIFEST_COLUMNS if c in result.columns]
+    columns += [c for c in result.columns if c not in columns]
+    return CheckedImages(frame=result[columns].sort_values("path", ignore_index=True), bad=bad)
 
 
 def assign_subsets(frame: pd.DataFrame, val_fraction: float = 0.15, seed: int = 42) -> pd.DataFrame:
@@ -235,53 +151,6 @@ def class_weights(frame: pd.DataFrame) -> dict[int, float]:
         raise DataError(f"train subset has no {', '.join(missing)} images")
     total = int(counts.sum())
     return {int(label): total / (len(CLASSES) * int(count)) for label, count in counts.items()}
-
-
-def _dct_ratio(short_side: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Largest JPEG DCT scale-down (1, 2, 4, 8) that keeps the short side ≥ the target size."""
-    import tensorflow as tf
-
-    ratio = tf.constant(1, tf.int32)
-    for candidate in (2, 4, 8):
-        ratio = tf.where(short_side // candidate >= image_size, candidate, ratio)
-    return ratio
-
-
-def decode_image(encoded: tf.Tensor | bytes, image_size: int) -> tf.Tensor:
-    """Decode JPEG/PNG bytes of any mode to a ``[size, size, 3]`` float32 tensor of 0..255 integers.
-
-    This is the only preprocessing before the model (rescaling lives inside the model), shared by
-    training, evaluation and the served model so they see identical numbers. Large JPEGs are
-    decoded at a reduced DCT scale that still exceeds the target size, which is several times
-    faster than a full decode followed by a resize. Values are rounded to integers so the
-    pipeline can cache them as uint8 without changing them.
-
-    Args:
-        encoded: the file's bytes (scalar string tensor or Python bytes).
-        image_size: side of the square output.
-    """
-    import tensorflow as tf
-
-    encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
-
-    def jpeg() -> tf.Tensor:
-        shape = tf.image.extract_jpeg_shape(encoded)
-        ratio = _dct_ratio(tf.minimum(shape[0], shape[1]), image_size)
-        # The fast integer IDCT differs from the accurate one by about one grey level, far below
-        # what the resize to the model's size keeps; it is measurably faster on 2 cores.
-        def decode(r: int) -> tf.Tensor:
-            return tf.io.decode_jpeg(encoded, channels=3, ratio=r, dct_method="INTEGER_FAST")
-
-        branches = [(tf.equal(ratio, r), lambda r=r: decode(r)) for r in (8, 4, 2)]
-        return tf.case(branches, default=lambda: decode(1))
-
-    def other() -> tf.Tensor:
-        return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-
-    pixels = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    pixels.set_shape([None, None, 3])
-    resized = tf.image.resize(pixels, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.round(tf.clip_by_value(resized, 0.0, 255.0))
 
 
 def augmentation(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -337,6 +206,8 @@ def make_dataset(
         Batches of ``(float32 [b, size, size, 3] in 0..255, float32 [b] labels)``.
     """
     import tensorflow as tf
+
+    from pneumo.decode import decode_image
 
     if len(paths) != len(labels):
         raise DataError(f"{len(paths)} paths but {len(labels)} labels")

@@ -7,11 +7,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import keras
-from keras import layers
+from typing import TYPE_CHECKING
 
 from pneumo.errors import ModelError
+
+if TYPE_CHECKING:  # Keras imports TensorFlow (seconds): the registry itself is read without it.
+    import keras
 
 VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_FIRST_TRAINABLE = "block4_conv1"  # the seed fine-tunes blocks 4-5 and freezes 1-3
@@ -68,11 +69,16 @@ def model_spec(name: str) -> ModelSpec:
 
 def _inputs(image_size: int) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """Float 0..255 RGB input and its 1/255 rescaling, so callers feed raw decoded pixels."""
+    import keras
+    from keras import layers
+
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     return inputs, layers.Rescaling(1.0 / 255, name="rescale")(inputs)
 
 
 def _output(x: keras.KerasTensor) -> keras.KerasTensor:
+    from keras import layers
+
     # float32 output even under mixed precision: a float16 sigmoid saturates and its loss overflows.
     return layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia_probability")(x)
 
@@ -80,6 +86,9 @@ def _output(x: keras.KerasTensor) -> keras.KerasTensor:
 @register_model("dense", optimizer="sgd", learning_rate=0.01, description="Flatten → Dense 256-128-64-64")
 def dense(image_size: int, **_: object) -> keras.Model:
     """The seed's fully connected baseline."""
+    import keras
+    from keras import layers
+
     inputs, x = _inputs(image_size)
     x = layers.Flatten()(x)
     for units in (256, 128, 64, 64):
@@ -90,6 +99,9 @@ def dense(image_size: int, **_: object) -> keras.Model:
 @register_model("cnn", optimizer="adam", learning_rate=0.001, description="Conv32-Pool ×2 → Dense128")
 def cnn(image_size: int, **_: object) -> keras.Model:
     """The seed's small CNN."""
+    import keras
+    from keras import layers
+
     inputs, x = _inputs(image_size)
     for _block in range(2):
         x = layers.Conv2D(32, 3, activation="relu")(x)
@@ -106,6 +118,9 @@ def cnn(image_size: int, **_: object) -> keras.Model:
 )
 def cnn_deep(image_size: int, **_: object) -> keras.Model:
     """The seed's deeper CNN with dropout (its best model)."""
+    import keras
+    from keras import layers
+
     inputs, x = _inputs(image_size)
     for filters in (32, 64, 128):
         x = layers.Conv2D(filters, 3, activation="relu")(x)
@@ -151,6 +166,9 @@ def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
 )
 def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object) -> keras.Model:
     """The seed's VGG16 transfer model: ImageNet base without top, layers before block4 frozen."""
+    import keras
+    from keras import layers
+
     inputs, x = _inputs(image_size)
     base = keras.applications.VGG16(
         include_top=False, weights=resolve_vgg16_weights(weights), input_shape=(image_size, image_size, 3)
@@ -167,11 +185,7 @@ def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object)
     return keras.Model(inputs, _output(x), name="vgg16")
 
 
-_OPTIMIZERS: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
-    "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr),
-    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
-    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
-}
+_OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}  # keras.optimizers classes
 
 
 def build_model(
@@ -196,6 +210,8 @@ def build_model(
     Raises:
         ModelError: unknown name or missing VGG16 weights file.
     """
+    import keras
+
     spec = model_spec(name)
     if image_size < spec.min_image_size:
         raise ModelError(f"{name} needs image_size >= {spec.min_image_size}, got {image_size}")
@@ -209,7 +225,7 @@ def build_model(
     if compile:
         rate = learning_rate if learning_rate is not None else spec.learning_rate
         model.compile(
-            optimizer=_OPTIMIZERS[spec.optimizer](rate),
+            optimizer=getattr(keras.optimizers, _OPTIMIZERS[spec.optimizer])(learning_rate=rate),
             loss="binary_crossentropy",
             metrics=[
                 keras.metrics.BinaryAccuracy(name="accuracy"),

@@ -1,11 +1,11 @@
-"""The plain-Python retraining steps the flows wire together: prepare data, run a candidate, rank."""
+"""The plain-Python retraining steps the flow and the CLI both call: ingest, prepare, train and log, promote."""
 
 from __future__ import annotations
 
-import json
+import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumo.config import TrainConfig
-from pneumo.data import Manifest, assign_subsets, build_manifest, class_weights, counts_by
-from pneumo.errors import DataError
+from pneumo.config import RetrainParams, Settings, TrainConfig
+from pneumo.data import CheckedImages, assign_subsets, class_weights, validate_images
+from pneumo.errors import DataError, PneumoError
 from pneumo.layout import CLASSES
+from pneumo.storage import IngestResult, cache_dir, counts_by
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
+SUBSETS: tuple[str, ...] = ("train", "validation", "test")
+
+
+# ----------------------------------------------------------------------------- data
+def ingest(source: str, settings: Settings, *, progress: Progress | None = None) -> IngestResult:
+    """Sync a dataset source (S3 or a local folder) into this machine's cache for it."""
+    from pneumo import storage
+
+    return storage.sync(source, cache_dir(settings.home, source), endpoint_url=settings.s3_endpoint_url,
+                        progress=progress)
+
+
+def materialize(manifest: pd.DataFrame, source: str, settings: Settings) -> Path:
+    """The pinned manifest's files on this machine (a worker may not have run the ingest)."""
+    from pneumo import storage
+
+    return storage.materialize(manifest, source, cache_dir(settings.home, source),
+                               endpoint_url=settings.s3_endpoint_url)
 
 
 @dataclass
@@ -31,15 +51,14 @@ class PreparedData:
     class_weight: dict[int, float]
 
 
-def data_report(manifest: Manifest, frame: pd.DataFrame) -> dict[str, Any]:
-    """Counts per on-disk split and per subset, what was skipped and why, and the bad files."""
+def data_report(checked: CheckedImages, frame: pd.DataFrame) -> dict[str, Any]:
+    """Counts per on-disk split and per subset, and the images that do not decode."""
     return {
         "images": int(len(frame)),
         "patients": int(frame["patient_id"].nunique()),
         "splits": counts_by(frame, "split"),
         "subsets": counts_by(frame, "subset"),
-        "skipped": manifest.skipped_counts(),
-        "bad_images": [asdict(item) for item in manifest.bad_images()],
+        "bad_images": [asdict(item) for item in checked.bad],
     }
 
 
@@ -50,32 +69,62 @@ def check_subsets(frame: pd.DataFrame, min_per_class: int = 2) -> None:
         DataError: naming each subset/class that is short.
     """
     counts = counts_by(frame, "subset")
-    short = [
-        f"{subset}/{label}={counts.get(subset, {}).get(label, 0)}"
-        for subset in ("train", "validation", "test")
-        for label in CLASSES
-        if counts.get(subset, {}).get(label, 0) < min_per_class
-    ]
+    short = [f"{subset}/{label}={counts.get(subset, {}).get(label, 0)}"
+             for subset in SUBSETS for label in CLASSES if counts.get(subset, {}).get(label, 0) < min_per_class]
     if short:
         raise DataError(f"too few images (need ≥{min_per_class} per subset and class): {', '.join(short)}")
 
 
 def prepare_data(
-    root: Path, config: TrainConfig, *, manifest: Manifest | None = None, min_per_class: int = 2,
-    log: Log = print,
+    root: Path, manifest: pd.DataFrame, config: TrainConfig, *, min_per_class: int = 2, log: Log = print,
+    progress: Progress | None = None,
 ) -> PreparedData:
-    """Manifest (or a given one), patient-grouped validation carve, checks and class weights."""
-    if manifest is None:
-        log(f"checking images under {root} ...")
-        manifest = build_manifest(Path(root))
-    frame = assign_subsets(manifest.frame, config.val_fraction, config.seed)
-    report = data_report(manifest, frame)
-    for item in report["bad_images"]:
-        log(f"skipped bad image {item['path']}: {item['reason']}")
+    """Decode-check an ingested manifest, carve the patient-grouped validation split, check counts.
+
+    Args:
+        root: folder the manifest paths are relative to (``IngestResult.root``).
+        manifest: the ingest's manifest frame.
+        config: ``val_fraction`` and ``seed`` decide the carve.
+        min_per_class: fail below this many images per subset and class.
+        log: where skipped bad images are reported.
+        progress: called with (done, total) while images are checked.
+
+    Raises:
+        DataError: a subset or class is too small.
+    """
+    checked = validate_images(Path(root), manifest, progress=progress)
+    frame = assign_subsets(checked.frame, config.val_fraction, config.seed)
+    report = data_report(checked, frame)
+    for item in checked.bad:
+        log(f"skipped bad image {item.path}: {item.reason}")
     check_subsets(frame, min_per_class)
     return PreparedData(root=Path(root), frame=frame, report=report, class_weight=class_weights(frame))
 
 
+def prepare_source(source: str, settings: Settings, config: TrainConfig, *, log: Log = print,
+                   progress: Progress | None = None) -> PreparedData:
+    """:func:`ingest` then :func:`prepare_data` (the CLI's path; the flow runs them as two tasks)."""
+    ingested = ingest(source, settings, progress=progress)
+    prepared = prepare_data(ingested.root, ingested.frame, config, log=log, progress=progress)
+    prepared.report["ingest"] = ingested.report.to_dict()
+    prepared.report["fingerprint"] = ingested.fingerprint
+    return prepared
+
+
+def read_test_set(root: Path, frame: pd.DataFrame) -> tuple[list[bytes], list[int]]:
+    """Encoded images and labels of a manifest's test rows (``subset`` column, else ``split``).
+
+    Raises:
+        DataError: the manifest has no test image.
+    """
+    column = "subset" if "subset" in frame.columns else "split"
+    rows = frame[frame[column] == "test"]
+    if rows.empty:
+        raise DataError("no test images in the manifest: cannot evaluate before promoting")
+    return [(Path(root) / path).read_bytes() for path in rows["path"]], [int(v) for v in rows["label"]]
+
+
+# ----------------------------------------------------------------------------- one candidate
 @dataclass
 class CandidateResult:
     """Everything one candidate produced; small and JSON-friendly except for ``model``."""
@@ -85,10 +134,9 @@ class CandidateResult:
     error: str = ""
     threshold: float = 0.5
     threshold_reached: bool = False
-    score: float = float("nan")
+    score: float = float("nan")  # selection score on validation
     validation: dict[str, float] = field(default_factory=dict)  # at the tuned threshold
     test: dict[str, float] = field(default_factory=dict)  # at the tuned threshold
-    test_at_05: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -113,7 +161,8 @@ def predict(model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_candidate(
-    name: str, data: PreparedData, config: TrainConfig, out_dir: Path, *, log: Log = print,
+    name: str, data: PreparedData, config: TrainConfig, out_dir: Path, *, score_weight: float = 2.0,
+    log: Log = print,
 ) -> CandidateResult:
     """Train one candidate, tune its threshold on validation, measure validation and test, plot.
 
@@ -127,22 +176,18 @@ def run_candidate(
     started = time.perf_counter()
     out_dir = Path(out_dir) / name
     try:
-        datasets = {
-            subset: subset_dataset(data.root, data.frame, subset, image_size=config.image_size,
-                                   batch_size=config.batch_size, augment=config.augment, seed=config.seed)
-            for subset in ("train", "validation", "test")
-        }
-        trained = train_candidate(
-            name, datasets["train"], datasets["validation"], config,
-            train_images=int((data.frame["subset"] == "train").sum()),
-            class_weight=data.class_weight, log=log,
-        )
+        datasets = {subset: subset_dataset(data.root, data.frame, subset, image_size=config.image_size,
+                                           batch_size=config.batch_size, augment=config.augment, seed=config.seed)
+                    for subset in SUBSETS}
+        trained = train_candidate(name, datasets["train"], datasets["validation"], config,
+                                  train_images=int((data.frame["subset"] == "train").sum()),
+                                  class_weight=data.class_weight, log=log)
         val_true, val_prob = predict(trained.model, datasets["validation"])
         test_true, test_prob = predict(trained.model, datasets["test"])
         threshold, reached = evaluate.tune_threshold(val_true, val_prob, config.recall_target)
         validation = evaluate.compute_metrics(val_true, val_prob, threshold)
         test = evaluate.compute_metrics(test_true, test_prob, threshold)
-        score = evaluate.selection_score(validation["recall"], validation["specificity"], config.score_weight)
+        score = evaluate.selection_score(validation["recall"], validation["specificity"], score_weight)
         artifacts = {
             "confusion_matrix": evaluate.plot_confusion_matrix(test, out_dir / "confusion_matrix.png",
                                                                f"{name}: test @ {threshold:.3f}"),
@@ -150,64 +195,78 @@ def run_candidate(
             "pr": evaluate.plot_pr(test_true, test_prob, out_dir / "pr.png", f"{name}: test PR"),
             "training_curves": evaluate.plot_history(trained.history, out_dir / "training_curves.png", name),
         }
-        result = CandidateResult(
+        log(f"[{name}] done: validation score {score:.3f}, threshold {threshold:.3f}, "
+            f"test recall {test['recall']:.3f}, specificity {test['specificity']:.3f}, AUC {test['roc_auc']:.3f}")
+        return CandidateResult(
             name=name, status="ok", threshold=threshold, threshold_reached=reached, score=score,
-            validation=validation, test=test, test_at_05=evaluate.compute_metrics(test_true, test_prob, 0.5),
-            history=trained.history, params=trained.params, seconds=time.perf_counter() - started,
-            images_per_second=trained.images_per_second,
+            validation=validation, test=test, history=trained.history, params=trained.params,
+            seconds=time.perf_counter() - started, images_per_second=trained.images_per_second,
             artifacts={key: str(path) for key, path in artifacts.items()}, model=trained.model,
         )
-        metrics_file = out_dir / "metrics.json"
-        metrics_file.write_text(json.dumps(result.summary(), indent=2, default=str))
-        result.artifacts["metrics"] = str(metrics_file)
-        log(f"[{name}] done: score {score:.3f}, threshold {threshold:.3f}, "
-            f"test recall {test['recall']:.3f}, specificity {test['specificity']:.3f}")
-        return result
     except Exception as error:  # noqa: BLE001 - the failure policy records every candidate failure
         log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
         return CandidateResult(name=name, status="failed", error=f"{type(error).__name__}: {error}",
                                seconds=time.perf_counter() - started)
 
 
-LEADERBOARD_COLUMNS = ("model", "status", "accuracy", "recall", "specificity", "f2", "auc", "score", "threshold")
-
-
-def leaderboard(results: Sequence[CandidateResult | Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per candidate (test metrics at the tuned threshold), best selection score first.
-
-    Args:
-        results: candidate results, or their :meth:`CandidateResult.summary` dicts (as flows pass them).
-    """
-    rows = []
-    for result in results:
-        summary = result.summary() if isinstance(result, CandidateResult) else result
-        ok = summary["status"] == "ok"
-        test = summary.get("test") or {}
-        rows.append({
-            "model": summary["name"], "status": "ok" if ok else f"failed: {summary['error'][:200]}",
-            "accuracy": test.get("accuracy"), "recall": test.get("recall"),
-            "specificity": test.get("specificity"), "f2": test.get("f2"), "auc": test.get("roc_auc"),
-            "score": summary["score"] if ok else None, "threshold": summary["threshold"] if ok else None,
-        })
-    frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
-    return frame.sort_values("score", ascending=False, na_position="last", ignore_index=True)
-
-
-def best_candidate(results: list[CandidateResult]) -> CandidateResult | None:
+def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
     """The successful candidate with the highest selection score (validation), if any."""
     survivors = [r for r in results if r.status == "ok" and np.isfinite(r.score)]
     return max(survivors, key=lambda r: r.score, default=None)
 
 
-def format_leaderboard(frame: pd.DataFrame) -> str:
-    """Fixed-width text table; score is on validation, the other metrics on test."""
-    def cell(value: Any) -> str:
-        return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else (
-            f"{value:.3f}" if isinstance(value, float) else str(value))
+def train_and_log(
+    name: str, manifest: pd.DataFrame, params: RetrainParams, parent_run_id: str, data_report: dict[str, Any],
+    settings: Settings, *, log: Log = print,
+) -> dict[str, Any]:
+    """One flow candidate: fetch the pinned files, train and evaluate, log a child run of the retraining.
 
-    header = f"{'model':<10}{'accuracy':>9}{'recall':>8}{'spec':>7}{'F2':>7}{'AUC':>7}{'score':>7}{'thresh':>8}  status"
-    lines = [header, "-" * len(header)]
-    for row in frame.itertuples(index=False):
-        lines.append(f"{row.model:<10}{cell(row.accuracy):>9}{cell(row.recall):>8}{cell(row.specificity):>7}"
-                     f"{cell(row.f2):>7}{cell(row.auc):>7}{cell(row.score):>7}{cell(row.threshold):>8}  {row.status}")
-    return "\n".join(lines)
+    The child run is opened before training, so the MLflow UI shows its real start and duration.
+
+    Returns:
+        The result's summary plus ``run_id``, the worker's ``pid``, ``started`` and ``finished`` (epoch seconds).
+
+    Raises:
+        CandidateFailed: the candidate produced no model (its FAILED run records why).
+    """
+    from pneumo import tracking
+    from pneumo.train import limit_cpu_threads
+
+    started = time.time()
+    if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
+        limit_cpu_threads(settings.tf_threads)
+    root = materialize(manifest, params.source, settings)
+    data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
+    run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
+    result = run_candidate(name, data, params.train, settings.home / "runs" / parent_run_id,
+                           score_weight=params.gate.score_weight, log=log)
+    tracking.log_candidate(run_id, result, params.train, data_report=data_report,
+                           class_weight=data.class_weight, tracking_uri=params.tracking_uri)
+    if result.status != "ok":
+        raise CandidateFailed(f"{name}: {result.error} (MLflow run {run_id})")
+    summary = result.summary()
+    summary.pop("history")
+    return {**summary, "run_id": run_id, "pid": os.getpid(), "started": started, "finished": time.time()}
+
+
+class CandidateFailed(PneumoError):
+    """A candidate did not produce a model (diverged, bad weights file, out of memory...)."""
+
+
+# ----------------------------------------------------------------------------- promotion
+def promote_best(
+    params: RetrainParams, parent_run_id: str, run_ids: Sequence[str], test_manifest: pd.DataFrame,
+    settings: Settings, *, dry_run: bool = False,
+) -> Any:
+    """Evaluate this retraining's best candidate on the test split and gate it against the champion.
+
+    Returns:
+        The registry's :class:`pneumo.registry.Decision`.
+    """
+    from pneumo import registry
+
+    root = materialize(test_manifest, params.source, settings)
+    images, labels = read_test_set(root, test_manifest)
+    return registry.promote(parent_run_id, images, labels, gate=params.gate, run_ids=run_ids,
+                            tracking_uri=params.tracking_uri, model_name=params.registered_model,
+                            dry_run=dry_run)

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
-import importlib.metadata
-import json
 import re
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -27,11 +22,6 @@ INPUT_COLUMN = "image"
 CHUNK = 64  # images per model call: bounds memory for large requests
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Distributions the served model imports; pinned to what logged it so a fresh env matches.
-_REQUIREMENTS: tuple[tuple[str, ...], ...] = (
-    ("mlflow", "mlflow-skinny"), ("tensorflow", "tensorflow-cpu"), ("keras",), ("numpy",),
-    ("pandas",), ("pillow",),
-)
 
 
 class InvalidImageError(ServingError, MlflowException):
@@ -156,27 +146,8 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
     return [_encoded(item, index) for index, item in enumerate(items)]
 
 
-@functools.lru_cache(maxsize=8)
-def _batch_decoder(image_size: int) -> Any:
-    """A traced-once TensorFlow function mapping ``data.decode_image`` over a batch of encoded images.
-
-    Building a tf.data pipeline per request would retrace ``decode_image`` every call (hundreds
-    of ms); this graph is traced once per image size and decodes the items in parallel.
-    """
-    import tensorflow as tf
-
-    from pneumo.data import decode_image
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-    def decode(encoded: tf.Tensor) -> tf.Tensor:
-        return tf.map_fn(lambda data: decode_image(data, image_size), encoded, parallel_iterations=CHUNK,
-                         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
-
-    return decode
-
-
 def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
-    """Decode a batch exactly as training does (``data.decode_image``), as a float32 tensor.
+    """Decode a batch exactly as training does (``decode.decode_image``), as a float32 tensor.
 
     Args:
         encoded: JPEG/PNG bytes (already checked by :func:`as_encoded_images`).
@@ -190,11 +161,11 @@ def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
     """
     import tensorflow as tf
 
-    from pneumo.data import decode_image
+    from pneumo.decode import batch_decoder, decode_image
 
     errors = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError)
     try:
-        return _batch_decoder(int(image_size))(tf.constant(list(encoded), dtype=tf.string))
+        return batch_decoder(int(image_size))(tf.constant(list(encoded), dtype=tf.string))
     except errors:
         pass
     # The batch failed somewhere: decode one by one to name the culprit.
@@ -268,101 +239,3 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         """
         encoded = as_encoded_images(model_input)
         return label_frame(self.predict_probabilities(encoded), self.threshold)
-
-
-# ----------------------------------------------------------------------------- logging
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, from the versions installed here."""
-    pins = []
-    for names in _REQUIREMENTS:
-        for name in names:
-            try:
-                pins.append(f"{name}=={importlib.metadata.version(name)}")
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return pins
-
-
-def _signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
-    # arrays; predict() validates every item itself and names the bad one.
-    return ModelSignature(
-        inputs=None,
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
-    )
-
-
-def example_image(image_size: int = 32) -> bytes:
-    """A small gray PNG used as the logged input example."""
-    import tensorflow as tf
-
-    ramp = np.linspace(0, 255, image_size * image_size, dtype=np.float64).reshape(image_size, image_size, 1)
-    return bytes(tf.io.encode_png(ramp.astype(np.uint8)).numpy())
-
-
-def log_serving_model(
-    run_id: str,
-    model: Any,
-    *,
-    threshold: float,
-    image_size: int,
-    candidate: str,
-    name: str = "serving_model",
-) -> Any:
-    """Log the pyfunc model to a run (explicit run id: safe from concurrent threads).
-
-    Args:
-        run_id: the candidate's run.
-        model: the trained ``keras.Model`` (input float32 0..255, sigmoid output).
-        threshold: decision threshold tuned on validation.
-        image_size: the model's square input side.
-        candidate: architecture name, stored in the model config.
-        name: logged-model name inside the run.
-
-    Returns:
-        MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
-    """
-    from mlflow.models import Model
-
-    with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
-        keras_file = Path(tmp) / "model.keras"
-        model.save(keras_file)
-        config = {"threshold": float(threshold), "image_size": int(image_size),
-                  "candidate": candidate, "classes": list(CLASSES)}
-        example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
-        return Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=PneumoniaClassifier(),
-            artifacts={KERAS_ARTIFACT: str(keras_file)},
-            model_config=config,
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=_signature(),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            metadata={"pneumo": json.dumps(config)},
-        )
-
-
-def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str) -> Path:
-    """Save the pyfunc model to a local folder (for tests and offline use); see :func:`log_serving_model`."""
-    with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
-        keras_file = Path(tmp) / "model.keras"
-        model.save(keras_file)
-        mlflow.pyfunc.save_model(
-            str(path),
-            python_model=PneumoniaClassifier(),
-            artifacts={KERAS_ARTIFACT: str(keras_file)},
-            model_config={"threshold": float(threshold), "image_size": int(image_size),
-                          "candidate": candidate, "classes": list(CLASSES)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=_signature(),
-            pip_requirements=pip_requirements(),
-        )
-    return Path(path)

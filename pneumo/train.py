@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from pneumo.config import TrainConfig
 from pneumo.errors import TrainingDiverged
-from pneumo.models import build_model
+from pneumo.models import build_model, resolve_vgg16_weights
 
 Log = Callable[[str], None]
 
@@ -71,6 +71,13 @@ class _EpochLog(keras.callbacks.Callback):
                   f"({time.perf_counter() - self._started:.1f}s)")
 
 
+def _learning_rate(name: str, config: TrainConfig) -> float | None:
+    """The configured override; VGG16 from random weights may have its own (its seed rate is for fine-tuning)."""
+    if name == "vgg16" and config.vgg16_learning_rate and resolve_vgg16_weights(config.vgg16_weights) is None:
+        return config.vgg16_learning_rate
+    return config.learning_rate
+
+
 def train_candidate(
     name: str,
     train_ds: tf.data.Dataset,
@@ -103,10 +110,8 @@ def train_candidate(
     gpus = gpu_count()
     mixed = bool(config.mixed_precision and gpus)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(
-        name, config.image_size, learning_rate=config.learning_rate,
-        vgg16_weights=config.vgg16_weights, mixed_precision=mixed,
-    )
+    model = build_model(name, config.image_size, learning_rate=_learning_rate(name, config),
+                        vgg16_weights=config.vgg16_weights, mixed_precision=mixed)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.TerminateOnNaN(), _EpochLog(name, config.epochs, log),
     ]
@@ -138,6 +143,5 @@ def train_candidate(
         name=name, model=model, history=history, epochs_run=epochs_run, seconds=seconds,
         images_per_second=train_images * epochs_run / seconds if seconds else 0.0,
         device=device, mixed_precision=mixed,
-        params={"model": name, "epochs_run": epochs_run, "device": device, "mixed_precision": mixed,
-                "trainable_params": int(sum(int(w.numpy().size) for w in model.trainable_weights))},
+        params={"epochs_run": epochs_run, "device": device, "mixed_precision": mixed},
     )

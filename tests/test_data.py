@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pneumo.data import assign_subsets, build_manifest, class_weights, find_dataset_root
-from pneumo.errors import DataError
+from pneumo.data import assign_subsets, class_weights, validate_images
+from pneumo.errors import DataError, StorageError
 from pneumo.layout import Ignored, ImageKey, classify, patient_id_of
 from pneumo.synthetic import split_counts
-from tests.plugins.data import add_quirks
+from pneumo.storage import counts_by, sync
+from tests.plugins.data import add_quirks, local_manifest
 
 
 @pytest.mark.parametrize(
@@ -54,16 +55,21 @@ def test_manifest_counts_survive_the_quirks(small_dataset: Path, tmp_path: Path)
     root = tmp_path / "quirky"
     shutil.copytree(small_dataset, root)
     added = add_quirks(root)
-    manifest = build_manifest(root)
-    expected = split_counts(0.05)
-    expected["train"]["NORMAL"] += added["uppercase"]
-    assert manifest.counts() == expected
-    skipped = manifest.skipped_counts()
+    ingested = sync(root, None)
+    checked = validate_images(root, ingested.frame)
+    good = split_counts(0.05)
+    good["train"]["NORMAL"] += added["uppercase"]
+    expected = {split: dict(counts) for split, counts in good.items()}
+    bad = {item.path: item.reason for item in checked.bad}
+    for path in bad:  # the bad files sit in the layout: the ingest lists them, validation drops them
+        split, label = path.split("/")[1:3]
+        expected[split][label] += 1
+    assert ingested.report.counts == expected
+    skipped = ingested.report.skipped_by_reason()
     assert skipped["nested-duplicate-tree"] == added["nested"]
     assert skipped["macos-metadata"] == 3
     assert skipped["hidden-file"] >= 4  # ._ files and .DS_Store
     assert skipped["not-an-image-extension"] == 1
-    bad = {item.path: item.reason for item in manifest.bad_images()}
     assert set(bad) == {
         "chest_xray/train/PNEUMONIA/person9991_bacteria_1.jpeg",
         "chest_xray/train/PNEUMONIA/person9992_virus_1.jpeg",
@@ -71,30 +77,31 @@ def test_manifest_counts_survive_the_quirks(small_dataset: Path, tmp_path: Path)
     }
     assert "truncated" in bad["chest_xray/train/PNEUMONIA/person9991_bacteria_1.jpeg"]
     assert "empty" in bad["chest_xray/train/PNEUMONIA/person9992_virus_1.jpeg"]
-    frame = manifest.frame
-    assert list(frame.columns) == ["path", "split", "label", "patient_id", "bytes", "width", "height"]
+    frame = checked.frame
+    assert list(frame.columns)[:5] == ["path", "split", "label", "patient_id", "bytes"]
     assert (frame["width"] > 0).all() and (frame["bytes"] > 0).all()
+    assert counts_by(frame, "split") == good
 
 
 def test_dataset_root_may_be_chest_xray_itself(small_dataset: Path) -> None:
-    assert find_dataset_root(small_dataset / "chest_xray") == small_dataset
+    assert sync(small_dataset / "chest_xray", None).root == small_dataset
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_wrong_layout_is_a_clear_error(tmp_path: Path, make: str) -> None:
     target = tmp_path / "nothing" if make == "missing" else tmp_path
-    with pytest.raises(DataError, match="does not exist|no chest_xray"):
-        build_manifest(target)
+    with pytest.raises(StorageError, match="does not exist|no dataset images"):
+        sync(target, None)
 
 
 def test_layout_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
-    with pytest.raises(DataError, match="no dataset images"):
-        build_manifest(tmp_path)
+    with pytest.raises(StorageError, match="no dataset images"):
+        sync(tmp_path, None)
 
 
 def test_validation_split_is_patient_grouped_and_stratified(small_dataset: Path) -> None:
-    frame = assign_subsets(build_manifest(small_dataset).frame, val_fraction=0.2, seed=3)
+    frame = assign_subsets(local_manifest(small_dataset), val_fraction=0.2, seed=3)
     train = frame[frame["subset"] == "train"]
     validation = frame[frame["subset"] == "validation"]
     assert not set(train["patient_id"]) & set(validation["patient_id"])
@@ -104,12 +111,12 @@ def test_validation_split_is_patient_grouped_and_stratified(small_dataset: Path)
     pool = frame[frame["split"] != "test"]
     assert len(validation) / len(pool) == pytest.approx(0.2, abs=0.05)
     assert validation["label"].mean() == pytest.approx(pool["label"].mean(), abs=0.08)
-    again = assign_subsets(build_manifest(small_dataset).frame, val_fraction=0.2, seed=3)
+    again = assign_subsets(local_manifest(small_dataset), val_fraction=0.2, seed=3)
     assert again["subset"].tolist() == frame["subset"].tolist()
 
 
 def test_class_weights_balance_the_train_subset(small_dataset: Path) -> None:
-    frame = assign_subsets(build_manifest(small_dataset).frame)
+    frame = assign_subsets(local_manifest(small_dataset))
     weights = class_weights(frame)
     counts = frame[frame["subset"] == "train"]["label"].value_counts()
     assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])

@@ -47,11 +47,11 @@ def test_weekly_deployment_carries_its_cron_schedule(deployed: dict[str, str]) -
 def test_bad_parameters_are_refused_by_deployment_run(deployed: dict[str, str]) -> None:
     result = subprocess.run(
         [prefect_executable(), "deployment", "run", "retrain/retrain-on-demand",
-         "--param", 'params={"epochs": 0}'],
+         "--param", 'params={"train": {"epochs": 0}}'],
         cwd=REPO, env=deployed, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert "params.epochs" in output and "minimum of 1" in output  # named before any run exists
+    assert "params.train.epochs" in output and "minimum of 1" in output  # named before any run exists
 
 
 def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env, mlflow_server, unique_name,
@@ -74,9 +74,9 @@ def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env
                               cwd=tmp_path, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        params = {"source": f"s3://{bucket}/kaggle", "epochs": 1, "image_size": 40, "batch_size": 16,
-                  "vgg16_weights": "none", "min_recall": 0.0, "min_images_per_class": 1,
-                  "registered_model": model_name, "experiment": experiment}
+        params = {"source": f"s3://{bucket}/kaggle", "min_images_per_class": 1,
+                  "train": {"epochs": 1, "image_size": 40, "batch_size": 16, "vgg16_weights": "none"},
+                  "gate": {"min_recall": 0.0}, "registered_model": model_name, "experiment": experiment}
         run = subprocess.run(
             [prefect_executable(), "deployment", "run", "retrain/retrain-on-demand",
              "--param", f"params={json.dumps(params)}", "--watch", "--watch-timeout", "600"],

@@ -12,18 +12,22 @@ from pydantic import ValidationError
 from pneumo.config import RetrainParams
 from pneumo.synthetic import generate_dataset
 
-TINY = {"epochs": 1, "image_size": 40, "batch_size": 16, "min_recall": 0.0, "min_images_per_class": 1}
+TINY_TRAIN = {"epochs": 1, "image_size": 40, "batch_size": 16}
+TINY = {"gate": {"min_recall": 0.0}, "min_images_per_class": 1}
 
 
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"candidates": ["resnet"]}, "candidates.0"),
+        ({"candidates": ["resnet"]}, "unknown model 'resnet'; choose one of: dense, cnn, cnn_deep, vgg16"),
         ({"candidates": []}, "candidates"),
         ({"candidates": ["cnn", "cnn"]}, "must not repeat"),
-        ({"epochs": 0}, "epochs"),
-        ({"image_size": 8}, "image_size"),
-        ({"recall_target": 1.5}, "recall_target"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"image_size": 8}}, "train.image_size"),
+        ({"train": {"image_size": 33}}, "cnn_deep needs ≥ 36"),  # fits cnn, not the deeper model
+        ({"train": {"recall_target": 1.5}}, "train.recall_target"),
+        ({"gate": {"margin": float("nan")}}, "gate.margin"),
+        ({"gate": {"min_recall": float("inf")}}, "gate.min_recall"),
         ({"registered_model": "bad name/with slash"}, "registered_model"),
         ({"unknown": 1}, "unknown"),
     ],
@@ -56,7 +60,7 @@ def test_failed_candidate_is_reported_and_survivor_promoted(flow_env, tiny_sourc
 
     model_name = unique_name("flow-model")
     params = RetrainParams(source=str(tiny_source), candidates=["cnn", "vgg16"], registered_model=model_name,
-                           vgg16_weights=str(tmp_path / "missing-weights.h5"),
+                           train={**TINY_TRAIN, "vgg16_weights": str(tmp_path / "missing-weights.h5")},
                            experiment=unique_name("flow-exp"), tracking_uri=flow_env.uri, **TINY)
     result = retrain(params=params)
     by_model = {row["model"]: row for row in result["leaderboard"]}
@@ -77,7 +81,7 @@ def test_all_candidates_failing_fails_the_run_and_moves_no_alias(flow_env, tiny_
 
     model_name = unique_name("flow-none")
     params = RetrainParams(source=str(tiny_source), candidates=["vgg16"], registered_model=model_name,
-                           vgg16_weights=str(tmp_path / "missing.h5"), tracking_uri=flow_env.uri,
+                           train={**TINY_TRAIN, "vgg16_weights": str(tmp_path / "missing.h5")}, tracking_uri=flow_env.uri,
                            experiment=unique_name("flow-exp"), **TINY)
     with pytest.raises(RuntimeError, match="every candidate failed"):
         retrain(params=params)
@@ -94,7 +98,7 @@ def test_unreachable_tracking_server_fails_before_ingest(prefect_api, tiny_sourc
     monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
     uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(PneumoError, match=uri.replace(".", r"\.")):
-        retrain(params=RetrainParams(source=str(tiny_source), tracking_uri=uri, **TINY))
+        retrain(params=RetrainParams(source=str(tiny_source), tracking_uri=uri, train=TINY_TRAIN, **TINY))
     assert not (tmp_path / "home" / "cache").exists()  # nothing was ingested
 
 
@@ -110,7 +114,7 @@ def test_dask_cluster_runs_one_candidate_per_gpu_worker(flow_env, tiny_source: P
                       dashboard_address=None, host="127.0.0.1") as cluster, Client(cluster) as client:
         worker_pids = set(client.run(os.getpid).values())
         params = RetrainParams(source=str(tiny_source), candidates=["dense", "cnn", "cnn_deep", "vgg16"],
-                               vgg16_weights="none", registered_model=unique_name("dask-model"),
+                               train={**TINY_TRAIN, "vgg16_weights": "none"}, registered_model=unique_name("dask-model"),
                                experiment=unique_name("dask-exp"), tracking_uri=flow_env.uri, **TINY)
         result = retrain.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(params=params)
     runs = result["candidates"]

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo.data import assign_subsets, build_manifest, decode_image, make_dataset
+from pneumo.data import assign_subsets, make_dataset
+from pneumo.decode import decode_image
+from tests.plugins.data import local_manifest
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -50,7 +52,7 @@ def test_reduced_scale_jpeg_decode_matches_full_decode() -> None:
 def test_later_epochs_come_from_the_cache(small_dataset: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(small_dataset, root)
-    frame = build_manifest(root).frame.head(20)
+    frame = local_manifest(root).head(20)
     dataset = make_dataset(root, frame["path"].tolist(), frame["label"].tolist(), image_size=32,
                            batch_size=8, training=False)
     first = np.concatenate([x.numpy() for x, _ in dataset])
@@ -61,7 +63,7 @@ def test_later_epochs_come_from_the_cache(small_dataset: Path, tmp_path: Path) -
 
 
 def test_augmentation_only_when_training(small_dataset: Path) -> None:
-    frame = build_manifest(small_dataset).frame.head(16)
+    frame = local_manifest(small_dataset).head(16)
     args = (small_dataset, frame["path"].tolist(), frame["label"].tolist())
 
     def epoch(dataset) -> np.ndarray:
@@ -77,7 +79,7 @@ def test_augmentation_only_when_training(small_dataset: Path) -> None:
 def test_undecodable_file_is_skipped_not_fatal(small_dataset: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(small_dataset, root)
-    frame = assign_subsets(build_manifest(root).frame).head(10)
+    frame = assign_subsets(local_manifest(root)).head(10)
     # Corrupt a file after the manifest checked it: the pipeline must drop it, not crash.
     (root / frame["path"].iloc[3]).write_bytes(b"GIF89a not really")
     dataset = make_dataset(root, frame["path"].tolist(), frame["label"].tolist(), image_size=32,

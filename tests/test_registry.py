@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pneumo import registry, tracking
+from pneumo import lock, registry, tracking
+from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from tests.plugins.mlflow_server import brightness_model, labelled_images, threshold_for
+from pneumo.pipeline import read_test_set
+from pneumo.runs import candidate_runs
+from tests.plugins.mlflow_server import brightness_model, labelled_images, log_retraining, threshold_for
 
 FINGERPRINT = "f" * 64
 # Gray levels of the NORMAL test images run 40..120 and PNEUMONIA 136..216 (10 each), so a
@@ -39,13 +42,8 @@ def test_set() -> tuple[list[bytes], list[int]]:
 def retraining(uri: str, experiment: str, model, candidates: dict[str, tuple[float, float]],
                source: str = "s3://bucket/chest_xray") -> str:
     """A parent run with one child per ``name: (threshold gray level, validation score)``."""
-    parent = tracking.start_retraining(uri, experiment, source, FINGERPRINT, {"epochs": 1})
-    for name, (level, score) in candidates.items():
-        metrics = {"recall": 1.0, "specificity": 0.5, "threshold": threshold_for(level)}
-        tracking.log_candidate(parent, name, config={"epochs": 1}, model=model, history={"loss": [0.7, 0.6]},
-                               threshold=threshold_for(level), score=score, validation=metrics, test=metrics)
-    tracking.finish_retraining(parent)
-    return parent
+    return log_retraining(uri, experiment, model, {name: (threshold_for(level), score)
+                                                   for name, (level, score) in candidates.items()}, source, FINGERPRINT)
 
 
 def aliases(uri: str, name: str) -> dict[str, str]:
@@ -79,11 +77,11 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
 
     # 1. First retraining: the best on validation is registered and, with no champion, promoted.
     first = retraining(mlflow_uri, experiment, model, {"cnn": (MID, 0.9), "dense": (BEST, 0.5)})
-    decision = registry.promote(first, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                                registered_model=name)
+    decision = registry.promote(first, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+                                model_name=name)
     assert decision.promoted and decision.candidate == "cnn" and decision.version == "1"
     assert decision.evaluation.metrics["specificity"] == pytest.approx(0.7)
-    assert decision["outcome"] == "promoted" and "no champion yet" in decision["reason"]
+    assert decision.outcome == "promoted" and "no champion yet" in decision.reason
     assert aliases(mlflow_uri, name) == {"champion": "1"}
     tags = client.get_model_version(name, "1").tags
     assert tags["pneumo.candidate"] == "cnn" and tags["pneumo.dataset.fingerprint"] == FINGERPRINT
@@ -94,8 +92,8 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
 
     # 2. A worse model passes the floors but not the champion: registered as challenger, with why.
     second = retraining(mlflow_uri, experiment, model, {"cnn": (WORSE, 0.95)})
-    decision = registry.promote(second, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                                registered_model=name)
+    decision = registry.promote(second, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+                                model_name=name)
     assert not decision.promoted and decision.version == "2" and decision.champion.version == "1"
     assert aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     reason = client.get_model_version(name, "2").tags[registry.REASON_TAG]
@@ -115,9 +113,9 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
         folder.mkdir(parents=True, exist_ok=True)
         (folder / (f"person{index}_bacteria_1.jpeg" if label else f"IM-{index:04d}-0001.jpeg")).write_bytes(image)
     third = retraining(mlflow_uri, experiment, model, {"cnn_deep": (BEST, 0.97)}, source=str(data))
-    dry = registry.promote(third, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                           registered_model=name, dry_run=True)
-    assert dry["outcome"] == "dry-run: would be promoted" and dry.version is None and dry.champion.version == "1"
+    dry = registry.promote(third, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+                           model_name=name, dry_run=True)
+    assert dry.outcome == "dry-run: would be promoted" and dry.version is None and dry.champion.version == "1"
     assert versions(mlflow_uri, name) == ["1", "2"] and aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.promotion.decision" not in client.get_run(third).data.tags
     monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
@@ -127,11 +125,11 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     assert versions(mlflow_uri, name) == ["1", "2"]
 
     # 4. The better model promotes; the old champion becomes previous-champion.
-    decision = registry.promote(third, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                                registered_model=name)
-    assert decision.promoted and decision.version == "3" and decision.previous_champion == "1"
+    decision = registry.promote(third, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+                                model_name=name)
+    assert decision.promoted and decision.version == "3" and decision.record()["previous_champion"] == "1"
     assert aliases(mlflow_uri, name) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
-    info = registry.champion_info(tracking_uri=mlflow_uri, model_name=name)
+    info = registry.champion_info(name, tracking_uri=mlflow_uri)
     assert info["version"] == "3" and info["candidate"] == "cnn_deep" and info["metrics"]["test_score"] == 1.0
     assert info["threshold"] == pytest.approx(threshold_for(BEST)) and info["run_id"] == decision.run_id
     assert info["aliases"] == ["champion"] and info["uri"] == f"models:/{name}@champion"
@@ -146,7 +144,7 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     assert aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.rolled_back" in client.get_model_version(name, "3").tags
     with pytest.raises(PromotionError, match="no previous-champion"):
-        registry.rollback(tracking_uri=mlflow_uri, model_name=name)
+        registry.rollback(name, tracking_uri=mlflow_uri)
 
 
 def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, test_set, capsys, tmp_path):
@@ -162,16 +160,15 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(image)
         rows.append({"path": path, "label": label, "subset": "test"})
-    survivors = [{"name": "cnn", "status": "ok", "run_id": run.info.run_id}
-                 for run in tracking.candidate_runs(parent, tracking_uri=mlflow_uri)]
-    decision = registry.promote(parent, survivors, registered_model=name, min_recall=0.95, min_specificity=0.5,
-                                margin=0.0, score_weight=2.0, test_root=tmp_path, test_frame=pd.DataFrame(rows),
-                                tracking_uri=mlflow_uri)
+    run_ids = [run.info.run_id for run in candidate_runs(parent, tracking_uri=mlflow_uri)]
+    images, labels = read_test_set(tmp_path, pd.DataFrame(rows))
+    decision = registry.promote(parent, images, labels, gate=Gate(min_recall=0.95, min_specificity=0.5),
+                                model_name=name, run_ids=run_ids, tracking_uri=mlflow_uri)
     assert not decision.promoted and decision.champion is None
     assert decision.reasons == ["test recall 0.4000 is below the floor 0.9500"]
-    assert decision.get("outcome") == "challenger" and decision["version"] == "1"
+    assert decision.outcome == "challenger" and decision.version == "1"
     assert aliases(mlflow_uri, name) == {"challenger": "1"}
-    assert registry.champion_info(tracking_uri=mlflow_uri, model_name=name) is None
+    assert registry.champion_info(name, tracking_uri=mlflow_uri) is None
     assert cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json") == (1, None)
 
 
@@ -180,14 +177,14 @@ def test_gate_lists_every_reason():
         metrics = {"recall": recall, "specificity": specificity}
         return registry.Evaluation("models:/x", 0.5, metrics, (2 * recall + specificity) / 3, version)
 
-    gate = registry.Gate(min_recall=0.95, min_specificity=0.6, margin=0.01)
-    assert gate.reasons(evaluation(0.9, 0.5), evaluation(1.0, 1.0, "7")) == [
+    gate = Gate(min_recall=0.95, min_specificity=0.6, margin=0.01)
+    assert registry.gate_reasons(gate, evaluation(0.9, 0.5), evaluation(1.0, 1.0, "7")) == [
         "test recall 0.9000 is below the floor 0.9500",
         "test specificity 0.5000 is below the floor 0.6000",
         "test score 0.7667 does not reach champion version 7's 1.0000 + margin 0.0100 on the same test set",
     ]
-    assert gate.reasons(evaluation(0.96, 0.7), evaluation(0.96, 0.67, "7")) == []  # 0.8733 ≥ 0.8633 + 0.01
-    assert registry.Gate().reasons(evaluation(0.95, 0.0), None) == []  # floors are inclusive
+    assert registry.gate_reasons(gate, evaluation(0.96, 0.7), evaluation(0.96, 0.67, "7")) == []  # 0.8733 ≥ 0.8633 + 0.01
+    assert registry.gate_reasons(Gate(), evaluation(0.95, 0.0), None) == []  # floors are inclusive
 
 
 def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, unique_name, model, test_set):
@@ -204,8 +201,8 @@ def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, uniq
     def run(label: str, parent: str) -> None:
         try:
             barrier.wait(timeout=60)  # both reach the registry at the same moment
-            decisions[label] = registry.promote(parent, test_images=images, test_labels=labels,
-                                                tracking_uri=mlflow_uri, registered_model=name)
+            decisions[label] = registry.promote(parent, images, labels, gate=Gate(),
+                                                tracking_uri=mlflow_uri, model_name=name)
         except BaseException as error:  # noqa: BLE001 - re-raised below
             errors.append(error)
 
@@ -223,7 +220,7 @@ def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, uniq
     assert aliases(mlflow_uri, name)["champion"] == decisions["best"].version
     assert decisions["good"].promoted == (decisions["good"] is first)
     # The lock is gone.
-    assert not MlflowClient(mlflow_uri).search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+    assert not MlflowClient(mlflow_uri).search_registered_models(f"name = '{name}{lock.LOCK_SUFFIX}'")
 
 
 def test_promotion_lock_excludes_and_times_out(mlflow_uri, unique_name):
@@ -231,21 +228,21 @@ def test_promotion_lock_excludes_and_times_out(mlflow_uri, unique_name):
 
     client = MlflowClient(mlflow_uri)
     name = unique_name("model")
-    with registry.promotion_lock(client, name) as token:
-        assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags[registry.LOCK_OWNER_TAG] == token
+    with lock.promotion_lock(client, name) as token:
+        assert client.get_registered_model(name + lock.LOCK_SUFFIX).tags[lock.LOCK_OWNER_TAG] == token
         with pytest.raises(PromotionError, match=f"another promotion of {name} holds the registry lock"):
-            with registry.promotion_lock(client, name, timeout=1, poll=0.2):
+            with lock.promotion_lock(client, name, timeout=1, poll=0.2):
                 pass
     # Released: taken again at once; and an abandoned lock (expired) is taken over.
-    with registry.promotion_lock(client, name, ttl=0):
+    with lock.promotion_lock(client, name, ttl=0):
         pass
-    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={registry.LOCK_OWNER_TAG: "crashed",
-                                                                      registry.LOCK_EXPIRES_TAG: "0"})
-    with registry.promotion_lock(client, name, timeout=5) as token:
-        assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags[registry.LOCK_OWNER_TAG] == token
+    client.create_registered_model(name + lock.LOCK_SUFFIX, tags={lock.LOCK_OWNER_TAG: "crashed",
+                                                                      lock.LOCK_EXPIRES_TAG: "0"})
+    with lock.promotion_lock(client, name, timeout=5) as token:
+        assert client.get_registered_model(name + lock.LOCK_SUFFIX).tags[lock.LOCK_OWNER_TAG] == token
 
 
-@pytest.mark.skipif(registry._process_id(os.getpid()) is None, reason="needs Linux /proc to tell a live holder")
+@pytest.mark.skipif(lock._process_id(os.getpid()) is None, reason="needs Linux /proc to tell a live holder")
 def test_a_lock_whose_holder_died_on_this_machine_is_taken_over_at_once(mlflow_uri, unique_name):
     from mlflow import MlflowClient
 
@@ -253,22 +250,22 @@ def test_a_lock_whose_holder_died_on_this_machine_is_taken_over_at_once(mlflow_u
     name = unique_name("model")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        process = registry._process_id(holder.pid)
+        process = lock._process_id(holder.pid)
         assert process is not None
         # Held by a live process, far from expiry: others wait and give up.
-        client.create_registered_model(name + registry.LOCK_SUFFIX, tags={
-            registry.LOCK_OWNER_TAG: "the-holder", registry.LOCK_EXPIRES_TAG: str(time.time() + 3600),
-            registry.LOCK_PROCESS_TAG: process})
+        client.create_registered_model(name + lock.LOCK_SUFFIX, tags={
+            lock.LOCK_OWNER_TAG: "the-holder", lock.LOCK_EXPIRES_TAG: str(time.time() + 3600),
+            lock.LOCK_PROCESS_TAG: process})
         with pytest.raises(PromotionError, match="the-holder"):
-            with registry.promotion_lock(client, name, timeout=1, poll=0.2):
+            with lock.promotion_lock(client, name, timeout=1, poll=0.2):
                 pass
     finally:
         holder.kill()
         holder.wait()
     # The holder is dead (and reaped): the next promotion takes the lock without waiting for the hour.
     started = time.monotonic()
-    with registry.promotion_lock(client, name, timeout=30) as token:
-        assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags[registry.LOCK_OWNER_TAG] == token
+    with lock.promotion_lock(client, name, timeout=30) as token:
+        assert client.get_registered_model(name + lock.LOCK_SUFFIX).tags[lock.LOCK_OWNER_TAG] == token
     assert time.monotonic() - started < 10
 
 
@@ -283,15 +280,15 @@ def test_a_failure_midway_leaves_no_version_and_no_alias(mlflow_uri, unique_name
     client.delete_run(parent)
     images, labels = test_set
     with pytest.raises(PromotionError, match="rolled back"):
-        registry.promote(parent, test_images=images, test_labels=labels, tracking_uri=mlflow_uri,
-                         registered_model=name)
+        registry.promote(parent, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+                         model_name=name)
     assert versions(mlflow_uri, name) == [] and aliases(mlflow_uri, name) == {}
-    assert not client.search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+    assert not client.search_registered_models(f"name = '{name}{lock.LOCK_SUFFIX}'")
 
 
 def test_bad_promotion_inputs_are_explained(mlflow_uri, unique_name):
     parent = tracking.start_retraining(mlflow_uri, unique_name("exp"), "local", FINGERPRINT, {"epochs": 1})
     with pytest.raises(PromotionError, match="no finished candidate"):
-        registry.promote(parent, test_images=[b"x"], test_labels=[1], tracking_uri=mlflow_uri)
+        registry.promote(parent, [b"x"], [1], gate=Gate(), model_name="m", tracking_uri=mlflow_uri)
     with pytest.raises(PromotionError, match="non-empty test set"):
-        registry.promote(parent, test_images=[], test_labels=[], tracking_uri=mlflow_uri)
+        registry.promote(parent, [], [], gate=Gate(), model_name="m", tracking_uri=mlflow_uri)

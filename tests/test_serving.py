@@ -17,11 +17,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pneumo import registry, serving, tracking
+from pneumo import registry, serving
+from pneumo.config import DEFAULT_REGISTERED_MODEL, Gate
 from pneumo.errors import PneumoError, ServingError
+from pneumo.packaging import save_serving_model
 from tests.plugins.mlflow_server import (
     brightness_model,
     labelled_images,
+    log_retraining,
     mlflow_executable,
     stop_process,
     threshold_for,
@@ -61,7 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 
     keras.utils.set_random_seed(3)
     model = build_model("cnn", SIZE)
-    path = serving.save_serving_model(tmp_path_factory.mktemp("served") / "model", model, threshold=0.5,
+    path = save_serving_model(tmp_path_factory.mktemp("served") / "model", model, threshold=0.5,
                                       image_size=SIZE, candidate="cnn")
     return model, mlflow.pyfunc.load_model(str(path))
 
@@ -155,13 +158,11 @@ def champion(mlflow_server, tmp_path_factory):
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server.uri)
-    parent = tracking.start_retraining(mlflow_server.uri, "serving-tests", "local", "0" * 64, {"epochs": 1})
-    metrics = {"recall": 1.0, "specificity": 1.0}
-    tracking.log_candidate(parent, "cnn", config={"epochs": 1}, model=brightness_model(SIZE), history={"loss": [0.5]},
-                           threshold=threshold_for(128), score=1.0, validation=metrics, test=metrics)
+    parent = log_retraining(mlflow_server.uri, "serving-tests", brightness_model(SIZE), {"cnn": (threshold_for(128), 1.0)},
+                            source="local")
     images, labels = labelled_images(5, 5)
-    decision = registry.promote(parent, test_images=images, test_labels=labels, tracking_uri=mlflow_server.uri,
-                                registered_model=registry.DEFAULT_MODEL)
+    decision = registry.promote(parent, images, labels, gate=Gate(), model_name=DEFAULT_REGISTERED_MODEL,
+                                tracking_uri=mlflow_server.uri)
     assert decision.promoted
     return decision
 

@@ -14,6 +14,9 @@ import pytest
 from pneumo import evaluate, tracking
 from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError, TrackingError
+from pneumo.mlflow_client import check_tracking_server
+from pneumo.pipeline import CandidateResult
+from pneumo.runs import candidate_runs
 from tests.plugins.mlflow_server import labelled_images
 from tests.plugins.s3 import free_port
 
@@ -38,13 +41,12 @@ def trained() -> dict:
     return {"model": model, "history": {k: [float(v) for v in vals] for k, vals in fit.history.items()}}
 
 
-def _candidate_files(out: Path, name: str, history: dict) -> tuple[dict, dict, dict]:
+def _candidate_files(out: Path, name: str, history: dict) -> tuple[dict, dict]:
     """Metrics and plots the way the pipeline makes them, from fixed probabilities."""
     y_true = np.array([0, 0, 0, 1, 1, 1, 1, 0])
     y_prob = np.array([0.1, 0.4, 0.6, 0.7, 0.8, 0.9, 0.35, 0.2])
     threshold, _ = evaluate.tune_threshold(y_true, y_prob, 0.95)
     metrics = evaluate.compute_metrics(y_true, y_prob, threshold)
-    at_05 = evaluate.compute_metrics(y_true, y_prob, 0.5)
     folder = out / name
     artifacts = {
         "confusion_matrix": evaluate.plot_confusion_matrix(metrics, folder / "confusion_matrix.png"),
@@ -52,7 +54,7 @@ def _candidate_files(out: Path, name: str, history: dict) -> tuple[dict, dict, d
         "pr": evaluate.plot_pr(y_true, y_prob, folder / "pr.png"),
         "training_curves": evaluate.plot_history(history, folder / "training_curves.png"),
     }
-    return metrics, at_05, artifacts
+    return metrics, artifacts
 
 
 def _manifest() -> pd.DataFrame:
@@ -72,7 +74,7 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         mlflow_uri, unique_name("exp"), "s3://xray-bucket/chest_xray", FINGERPRINT, config,
         data_report=report, manifest=_manifest(),
     )
-    metrics, at_05, artifacts = _candidate_files(tmp_path, "cnn", trained["history"])
+    metrics, artifacts = _candidate_files(tmp_path, "cnn", trained["history"])
 
     # Two candidates logged from two threads at once: explicit run ids keep them apart.
     children: dict[str, str] = {}
@@ -80,12 +82,15 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
 
     def log(name: str, score: float) -> None:
         try:
-            children[name] = tracking.log_candidate(
-                parent, name, config=config, model=trained["model"], history=trained["history"],
-                threshold=metrics["threshold"], score=score, validation=metrics, test=metrics,
-                validation_at_05=at_05, test_at_05=at_05, artifacts=artifacts, data_report=report,
-                class_weight={0: 1.5, 1: 0.75}, params={"epochs_run": 2},
+            run_id = tracking.start_candidate(parent, name)
+            result = CandidateResult(
+                name=name, status="ok", threshold=metrics["threshold"], threshold_reached=True, score=score,
+                validation=metrics, test=metrics, history=trained["history"], params={"epochs_run": 2},
+                seconds=12.5, images_per_second=40.0, artifacts={k: str(v) for k, v in artifacts.items()},
+                model=trained["model"],
             )
+            tracking.log_candidate(run_id, result, config, data_report=report, class_weight={0: 1.5, 1: 0.75})
+            children[name] = run_id
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
 
@@ -95,7 +100,7 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
     for thread in threads:
         thread.join()
     assert not errors, errors
-    tracking.finish_retraining(parent, summary={"best": "cnn"})
+    tracking.finish_retraining(parent)
 
     client = MlflowClient(mlflow_uri)
     parent_run = client.get_run(parent)
@@ -103,16 +108,19 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
     assert parent_run.data.tags[tracking.TAG_FINGERPRINT] == FINGERPRINT
     assert parent_run.data.tags[tracking.TAG_SOURCE] == "s3://xray-bucket/chest_xray"
     assert parent_run.data.tags[tracking.TAG_VERSION]
-    assert parent_run.data.params["image_size"] == str(IMAGE_SIZE)
+    assert parent_run.data.params["image_size"] == str(IMAGE_SIZE)  # a TrainConfig's own fields
     [dataset_input] = parent_run.inputs.dataset_inputs
     assert dataset_input.dataset.digest == FINGERPRINT[:36]  # MLflow's digest column holds 36
     profile = json.loads(dataset_input.dataset.profile)
     assert profile["num_rows"] == 6 and profile["fingerprint"] == FINGERPRINT
     assert "patient_id" in dataset_input.dataset.schema
     parent_files = {item.path for item in client.list_artifacts(parent)}
-    assert {"config.json", "data_report.json", "summary.json"} <= parent_files
+    assert {"config.json", "data_report.json"} <= parent_files
 
-    assert {run.info.run_id for run in tracking.candidate_runs(parent, tracking_uri=mlflow_uri)} == set(children.values())
+    assert {run.info.run_id for run in candidate_runs(parent, tracking_uri=mlflow_uri)} == set(children.values())
+    # Every logged model belongs to the retraining's experiment (MLflow's default would be experiment 0).
+    logged = client.search_logged_models(experiment_ids=[parent_run.info.experiment_id])
+    assert sorted(model.source_run_id for model in logged) == sorted(list(children.values()) * 2)
     for name, run_id in children.items():
         run = client.get_run(run_id)
         assert run.data.tags[tracking.PARENT_RUN_TAG] == parent
@@ -131,9 +139,10 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         data = run.data.metrics
         assert data["selection_score"] == (0.8 if name == "cnn" else 0.6)
         assert data["threshold"] == pytest.approx(metrics["threshold"])
-        for prefix in ("validation", "test", "validation_at_0.5", "test_at_0.5"):
+        for prefix in ("validation", "test"):
             assert {f"{prefix}.{key}" for key in ("recall", "specificity", "f2", "roc_auc")} <= set(data)
-        assert data["test_at_0.5.recall"] == pytest.approx(at_05["recall"])
+        # Measured figures are metrics (sortable in the UI), not params.
+        assert data["train_seconds"] == 12.5 and data["images_per_second"] == 40.0
         files = {item.path for item in client.list_artifacts(run_id)}
         assert {"metrics.json", "data_report.json", "plots"} <= files
         assert {Path(item.path).name for item in client.list_artifacts(run_id, "plots")} == PNG_ARTIFACTS
@@ -165,7 +174,7 @@ def test_unreachable_server_fails_fast_with_the_uri(unique_name):
     port = free_port()  # nothing listens here
     uri = f"http://127.0.0.1:{port}"
     with pytest.raises(TrackingError, match=rf"127.0.0.1:{port} is unreachable \(\[Errno 111\] Connection refused\)"):
-        tracking.check_tracking_server(uri, timeout=2)
+        check_tracking_server(uri, timeout=2)
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}") as raised:
         tracking.start_retraining(uri, unique_name("exp"), "local", FINGERPRINT, {"epochs": 1})
     assert isinstance(raised.value, PneumoError) and "\n" not in str(raised.value)
@@ -174,18 +183,18 @@ def test_unreachable_server_fails_fast_with_the_uri(unique_name):
 def test_a_server_that_is_not_mlflow_is_rejected(s3_server):
     # The S3 test server answers HTTP but is not MLflow: a plausible misconfiguration.
     with pytest.raises(TrackingError, match=f"{s3_server.endpoint_url} does not answer like an MLflow"):
-        tracking.check_tracking_server(s3_server.endpoint_url, timeout=5)
+        check_tracking_server(s3_server.endpoint_url, timeout=5)
 
 
 def test_bad_store_uris_are_rejected(tmp_path):
     with pytest.raises(TrackingError, match="empty"):
-        tracking.check_tracking_server("  ")
+        check_tracking_server("  ")
     (tmp_path / "a-file").write_text("not a folder")
     bad = f"sqlite:///{tmp_path}/a-file/mlflow.db"  # the database cannot be created under a file
     with pytest.raises(TrackingError, match="a-file/mlflow.db"):
-        tracking.check_tracking_server(bad)
+        check_tracking_server(bad)
     with pytest.raises(TrackingError, match="nosuchscheme://x"):
-        tracking.check_tracking_server("nosuchscheme://x")
+        check_tracking_server("nosuchscheme://x")
 
 
 def test_a_listening_socket_that_never_answers_times_out():
@@ -194,7 +203,7 @@ def test_a_listening_socket_that_never_answers_times_out():
         silent.listen(1)
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(TrackingError, match=r"unreachable \(no answer within 0.5 s\)"):
-            tracking.check_tracking_server(uri, timeout=0.5)
+            check_tracking_server(uri, timeout=0.5)
 
 
 def test_config_flattening_is_json_friendly():

@@ -15,10 +15,10 @@ imports boto3/botocore), :mod:`.transfer` (list, download), :mod:`.parallel` (th
 :mod:`.local` (local folders), :mod:`.ingest` (sync, materialize), :mod:`.upload` (upload_tree).
 """
 
-from pneumo.storage.cache import META_DIR, STATE_VERSION
+from pneumo.storage.cache import META_DIR, STATE_VERSION, cache_dir
 from pneumo.storage.ingest import materialize, sync
 from pneumo.storage.parallel import DEFAULT_WORKERS, ProgressFn
-from pneumo.storage.report import MANIFEST_COLUMNS, IngestReport, IngestResult, UploadReport, fingerprint
+from pneumo.storage.report import MANIFEST_COLUMNS, IngestReport, IngestResult, UploadReport, counts_by, fingerprint
 from pneumo.storage.sources import Source, parse_source, redact, unsafe_reason
 from pneumo.storage.upload import upload_tree
 
@@ -32,6 +32,8 @@ __all__ = [
     "ProgressFn",
     "Source",
     "UploadReport",
+    "cache_dir",
+    "counts_by",
     "fingerprint",
     "materialize",
     "parse_source",

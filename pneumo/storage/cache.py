@@ -33,6 +33,15 @@ STATE_VERSION = 1
 _CHUNK = 1 << 20
 
 
+def cache_dir(home: Path, source: str) -> Path:
+    """The local cache folder of a dataset source under ``home`` (one per source URI).
+
+    The flow's workers and ``pneumo promote`` both use it, so they share one cache per source.
+    """
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    return Path(home) / "cache" / digest
+
+
 @dataclass
 class _Entry:
     etag: str

@@ -13,7 +13,7 @@ from pneumo.layout import Ignored, ImageKey, classify
 from pneumo.storage.cache import _Cache, _Entry
 from pneumo.storage.local import _sync_local, _verify_local
 from pneumo.storage.parallel import DEFAULT_WORKERS, ProgressFn, _run_parallel
-from pneumo.storage.report import IngestReport, IngestResult, _build_frame, _counts, _pinned_md5, _row, fingerprint
+from pneumo.storage.report import IngestReport, IngestResult, _build_frame, _pinned_md5, counts_by, _row, fingerprint
 from pneumo.storage.s3 import _check_reachable, _connect
 from pneumo.storage.sources import Source, _no_images_message, parse_source, unsafe_reason
 from pneumo.storage.transfer import _download, _list
@@ -123,7 +123,7 @@ def sync(
         source=src.uri, endpoint=s3.endpoint, root=str(cache_root), fingerprint=fp, listed=len(listing),
         images=len(row_list), downloaded=len(fetched), reused=len(row_list) - len(fetched), removed=removed,
         refused=refused, bytes_downloaded=bytes_downloaded, seconds=time.perf_counter() - started,
-        counts=_counts(row_list), skipped=skipped,
+        counts=counts_by(frame, "split"), skipped=skipped,
     )
     log.info("ingest %s: %d images (%d downloaded, %d reused, %d removed, %d skipped), fingerprint %s",
              src.uri, report.images, report.downloaded, report.reused, report.removed, len(skipped), fp[:12])

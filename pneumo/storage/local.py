@@ -11,7 +11,7 @@ from pneumo.errors import StorageError
 from pneumo.layout import SPLITS, Ignored, ImageKey, classify
 from pneumo.storage.cache import META_DIR, _Md5Memo
 from pneumo.storage.parallel import ProgressFn, _run_parallel
-from pneumo.storage.report import IngestReport, IngestResult, _build_frame, _counts, _pinned_md5, _row, fingerprint
+from pneumo.storage.report import IngestReport, IngestResult, _build_frame, _pinned_md5, counts_by, _row, fingerprint
 from pneumo.storage.sources import Source, _no_images_message
 
 
@@ -59,7 +59,7 @@ def _sync_local(src: Source, cache_dir: Path | None, *, workers: int, progress: 
     report = IngestReport(
         source=str(src.path), endpoint=None, root=str(root), fingerprint=fp, listed=listed, images=len(rows),
         downloaded=0, reused=len(rows), removed=0, refused=0, bytes_downloaded=0,
-        seconds=time.perf_counter() - started, counts=_counts(rows), skipped=skipped,
+        seconds=time.perf_counter() - started, counts=counts_by(frame, "split"), skipped=skipped,
     )
     return IngestResult(frame=frame, fingerprint=fp, report=report, root=root, source=src)
 

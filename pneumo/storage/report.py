@@ -139,13 +139,12 @@ def _build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values("path", ignore_index=True)
 
 
-def _counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for row in rows:
-        by_class = counts.setdefault(row["split"], {})
-        name = CLASSES[row["label"]]
-        by_class[name] = by_class.get(name, 0) + 1
-    return counts
+def counts_by(frame: pd.DataFrame, column: str) -> dict[str, dict[str, int]]:
+    """Image counts per value of ``column`` (``split``, ``subset``) and class name."""
+    result: dict[str, dict[str, int]] = {}
+    for (group, label), count in frame.groupby([column, "label"]).size().items():
+        result.setdefault(str(group), {})[CLASSES[int(label)]] = int(count)
+    return result
 
 
 def _row(key: ImageKey, size: int, etag: str, md5: str) -> dict[str, Any]:

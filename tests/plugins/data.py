@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pneumo.synthetic import generate_dataset
@@ -44,3 +45,10 @@ def add_quirks(root: Path) -> dict[str, int]:
     (tree / "test" / "NORMAL" / "IM-9998-0001.jpeg").write_text("this is not an image\n")
     (tree / "train" / "NORMAL" / "notes.txt").write_text("not an image either\n")
     return {"nested": len(list(nested.rglob("*.jpeg"))), "uppercase": 1, "bad": 3}
+
+
+def local_manifest(root: Path) -> pd.DataFrame:
+    """The manifest of a local dataset folder, as the ingest produces it for the flow."""
+    from pneumo.storage import sync
+
+    return sync(root, None).frame

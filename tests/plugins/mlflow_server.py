@@ -163,3 +163,22 @@ def labelled_images(normal: int = 10, pneumonia: int = 10, seed: int = 0) -> tup
     images = [xray_jpeg(level, seed=seed + i) for i, level in enumerate(normal_levels)]
     images += [xray_jpeg(level, seed=seed + 100 + i) for i, level in enumerate(pneumonia_levels)]
     return images, [0] * normal + [1] * pneumonia
+
+
+def log_retraining(uri: str, experiment: str, model: Any, candidates: dict[str, tuple[float, float]],
+                   source: str = "s3://bucket/chest_xray", fingerprint: str = "f" * 64) -> str:
+    """A finished retraining run with one child per ``name: (threshold, validation score)``, all one model."""
+    from pneumo import tracking
+    from pneumo.config import TrainConfig
+    from pneumo.pipeline import CandidateResult
+
+    config = TrainConfig(image_size=int(model.input_shape[1]), epochs=1)
+    parent = tracking.start_retraining(uri, experiment, source, fingerprint, config)
+    for name, (threshold, score) in candidates.items():
+        metrics = {"recall": 1.0, "specificity": 0.5, "threshold": threshold}
+        result = CandidateResult(name=name, status="ok", threshold=threshold, score=score, validation=metrics,
+                                 test=metrics, history={"loss": [0.7, 0.6]}, model=model)
+        tracking.log_candidate(tracking.start_candidate(parent, name, tracking_uri=uri), result, config,
+                               tracking_uri=uri)
+    tracking.finish_retraining(parent, tracking_uri=uri)
+    return parent

@@ -1,0 +1,85 @@
+"""The one place an MlflowClient is built, and the fail-fast check that a tracking URI is usable."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from pneumo.errors import TrackingError
+
+
+def mlflow_client(tracking_uri: str | None) -> Any:
+    """An ``MlflowClient`` for tracking and registry at ``tracking_uri`` (default: the process-wide URI).
+
+    The process-wide URI is set too: model logging and ``pyfunc.load_model("models:/…")`` read it.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def error_code(error: BaseException) -> str:
+    """MLflow's error code (``RESOURCE_DOES_NOT_EXIST``, …) of an exception, or ``""``."""
+    return str(getattr(error, "error_code", ""))
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` on one line, cut to 300 characters (for user-facing errors)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with the URI in a one-line message, when MLflow cannot be used.
+
+    HTTP(S) servers are probed directly (``/health`` and an experiments search) with a short
+    timeout, because MLflow's own client retries connection errors with back-off for minutes.
+    Other URIs (``sqlite:///…``, ``file:…``) are opened with the MLflow client.
+
+    Raises:
+        TrackingError: unreachable, not an MLflow server, or an unusable store URI.
+    """
+    if not uri or not uri.strip():
+        raise TrackingError("MLflow tracking URI is empty (set MLFLOW_TRACKING_URI or PNEUMO_TRACKING_URI)")
+    if urlparse(uri).scheme.lower() in ("http", "https"):
+        _check_http(uri.rstrip("/"), timeout)
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means the URI is unusable
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {one_line(error)}") from None
+
+
+def _check_http(uri: str, timeout: float) -> None:
+    import requests
+
+    try:
+        health = requests.get(f"{uri}/health", timeout=timeout)
+        search = requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                              timeout=timeout)
+    except requests.Timeout:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable (no answer within {timeout:g} s)") from None
+    except requests.RequestException as error:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+        why = errno.group(0).strip() if errno else one_line(error)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({why})") from None
+    if health.status_code != 200 or search.status_code != 200 or "experiments" not in _json(search):
+        status = health.status_code if health.status_code != 200 else search.status_code
+        raise TrackingError(
+            f"{uri} does not answer like an MLflow tracking server (HTTP {status}); check MLFLOW_TRACKING_URI"
+        )
+
+
+def _json(response: Any) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
