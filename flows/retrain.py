@@ -16,10 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pneumo import pipeline
+from pneumo import pipeline, tracking
 from pneumo.config import RetrainParams, Settings
 from pneumo.errors import PneumoError
 from pneumo.leaderboard import decision_markdown, leaderboard_records
+from pneumo.mlflow_client import check_tracking_server
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.
@@ -133,6 +134,7 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
         test_manifest = [r for r in manifest if r["subset"] == "test"]
         decision = select_and_promote(params, parent_run_id, [c["run_id"] for c in survivors], test_manifest)
     rows = leaderboard_records(candidates, decision, params.tracking_uri)
+    tracking.log_leaderboard(parent_run_id, rows, tracking_uri=params.tracking_uri)
     create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
                           "threshold; score = recall-weighted mean on validation")
     create_markdown_artifact(decision_markdown(decision, len(rows)), key="promotion-decision")
@@ -146,9 +148,6 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     Fails early (before any training) when MLflow is unreachable or the data is unusable;
     a failed candidate is recorded and the others go on; the run fails if none succeeds.
     """
-    from pneumo import tracking
-    from pneumo.mlflow_client import check_tracking_server
-
     logger = get_run_logger()
     params = params.resolved(Settings())
     check_tracking_server(params.tracking_uri)

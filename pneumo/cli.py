@@ -195,10 +195,30 @@ def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
     return uri, args.model or settings.registered_model
 
 
+def _with_intervals(metrics: dict[str, float], intervals: dict[str, list[float]]) -> str:
+    """``recall 0.9500 [0.9100, 0.9700], …`` for the gate's metrics."""
+    shown = []
+    for name in ("recall", "specificity", "roc_auc", "selection_score"):
+        if name in metrics:
+            bounds = intervals.get(name)
+            shown.append(f"{name} {metrics[name]:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""))
+    return ", ".join(shown)
+
+
 def _print_champion(info: dict[str, Any]) -> None:
-    metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(info["metrics"].items()))
+    metrics = info["metrics"]
+    values = {key.removeprefix("test_"): value for key, value in metrics.items() if ".ci_" not in key}
+    intervals = {key.removeprefix("test_"): [metrics[f"{key}.ci_low"], metrics[f"{key}.ci_high"]]
+                 for key in metrics if f"{key}.ci_low" in metrics}
     print(f"{info['model']} version {info['version']} ({info['candidate']}) {info['uri']}")
-    print(f"  threshold {info['threshold']:.4f}; {metrics}")
+    print(f"  threshold {info['threshold']:.4f}; test {_with_intervals(values, intervals)}; "
+          f"test score {metrics.get('test_score', float('nan')):.4f}, validation score "
+          f"{metrics.get('selection_score', float('nan')):.4f}")
+    decision = info.get("decision") or {}
+    if "score_diff" in decision:
+        print(f"  promoted over the previous champion: score difference {decision['score_diff']:.4f} "
+              f"[{decision['score_diff.ci_low']:.4f}, {decision['score_diff.ci_high']:.4f}] on "
+              f"{int(decision.get('n_test_images', 0))} images ({decision.get('method', '')})")
     print(f"  run {info['run_id']} (retraining {info['parent_run_id']}), registered {info['created']}")
 
 
@@ -207,7 +227,9 @@ def _cmd_champion(args: argparse.Namespace) -> int:
 
     uri, model = _registry_target(args)
     info = champion_info(model, tracking_uri=uri)
-    if args.json:
+    if args.card and info is not None:
+        print(info["card"] or f"{model} version {info['version']} has no model card")
+    elif args.json:
         _print_json(info)
     elif info is None:
         print(f"{model} has no champion yet")
@@ -229,7 +251,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> tuple[list[bytes], list[int]]:
+def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> Any:
     """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does)."""
     from pneumo.pipeline import ingest, read_test_set
     from pneumo.runs import retraining_dataset
@@ -254,17 +276,15 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     gate = _model_from_flags(args, Gate)  # a bad flag fails before any MLflow or data work
     uri, model = _registry_target(args)
     run_id = args.run_id or latest_retraining(args.experiment or Settings().experiment, tracking_uri=uri)
-    images, labels = _promotion_test_set(args, run_id, uri)
-    decision = promote(run_id, images, labels, gate=gate, model_name=model, tracking_uri=uri, dry_run=args.dry_run)
+    test = _promotion_test_set(args, run_id, uri)
+    decision = promote(run_id, test, gate=gate, model_name=model, tracking_uri=uri, dry_run=args.dry_run)
     if args.json:
         _print_json(decision.record())
     else:
-        champion = decision.champion
         print(f"{decision.outcome}: {decision.candidate} from retraining {run_id}"
               + (f" → version {decision.version}" if decision.version else ""))
-        print(f"  test score {decision.evaluation.score:.4f} (recall {decision.evaluation.metrics['recall']:.4f}, "
-              f"specificity {decision.evaluation.metrics['specificity']:.4f}) vs champion "
-              + (f"version {champion.version} {champion.score:.4f}" if champion else "none"))
+        print("  test " + _with_intervals(decision.evaluation.metrics, decision.record()["intervals"])
+              + f" ({decision.n_test_images} images, {decision.n_test_patients} patients)")
         print(f"  {decision.reason}")
     return 0
 
@@ -330,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(handler=_cmd_rollback)
 
     champion = sub.add_parser("champion", help="show the current champion (version, metrics, threshold, run)")
+    champion.add_argument("--card", action="store_true", help="print the champion's model card (Markdown)")
     _add_registry_flags(champion)
     champion.set_defaults(handler=_cmd_champion)
 

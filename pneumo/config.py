@@ -7,6 +7,7 @@ imported only when a name is validated (it imports Keras, which costs seconds).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,12 +57,18 @@ class TrainConfig(_Strict):
 
 
 class Gate(_Strict):
-    """Promotion gate: absolute floors on test metrics plus "reaches the champion's score + margin"."""
+    """Promotion gate: floors on test metrics, then a paired test of the score against the champion."""
 
     min_recall: float = Field(0.95, ge=0, le=1, description="Floor on test recall at the tuned threshold.")
     min_specificity: float = Field(0.0, ge=0, le=1, description="Floor on test specificity.")
-    margin: float = Field(0.0, ge=-1, le=1, description="Test score the challenger must beat the champion by.")
+    floors_on: Literal["lower-bound", "point"] = Field(
+        "lower-bound", description="Apply the floors to the 95 % interval's lower bound, or to the point estimate.")
+    margin: float = Field(0.0, ge=0, le=1, description="Score difference the paired test must clear.")
+    mode: Literal["superiority", "non-inferiority"] = Field(
+        "superiority", description="superiority: the interval's lower bound > margin; "
+        "non-inferiority: > -margin (take the newer data's model unless it is worse).")
     score_weight: float = Field(2.0, ge=0, le=100, description="w in the score (w·recall + specificity)/(w+1).")
+    replicates: int = Field(2000, ge=200, le=100_000, description="Bootstrap replicates (patients resampled).")
 
 
 class Settings(BaseSettings):

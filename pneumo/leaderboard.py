@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-COLUMNS = ("model", "status", "accuracy", "recall", "specificity", "f2", "auc", "score", "threshold")
+COLUMNS = ("model", "status", "accuracy", "recall", "recall 95% CI", "specificity", "specificity 95% CI", "f2",
+           "auc", "auc 95% CI", "score", "threshold")
 Record = dict[str, Any]
 
 
@@ -23,27 +24,38 @@ def leaderboard(results: Sequence[Any]) -> pd.DataFrame:
         summary = result if isinstance(result, Mapping) else result.summary()
         ok = summary["status"] == "ok"
         test = summary.get("test") or {}
+        intervals = (summary.get("intervals") or {}).get("test", {})
         rows.append({
             "model": summary["name"], "status": "ok" if ok else f"failed: {summary['error'][:200]}",
-            "accuracy": test.get("accuracy"), "recall": test.get("recall"), "specificity": test.get("specificity"),
-            "f2": test.get("f2"), "auc": test.get("roc_auc"),
+            "accuracy": test.get("accuracy"), "recall": test.get("recall"), "recall 95% CI": _ci(intervals, "recall"),
+            "specificity": test.get("specificity"), "specificity 95% CI": _ci(intervals, "specificity"),
+            "f2": test.get("f2"), "auc": test.get("roc_auc"), "auc 95% CI": _ci(intervals, "roc_auc"),
             "score": summary["score"] if ok else None, "threshold": summary["threshold"] if ok else None,
         })
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.sort_values("score", ascending=False, na_position="last", ignore_index=True)
 
 
-def format_leaderboard(frame: pd.DataFrame) -> str:
-    """Fixed-width text table; score is on validation, the other metrics on test."""
-    def cell(value: Any) -> str:
-        return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else (
-            f"{value:.3f}" if isinstance(value, float) else str(value))
+def _ci(intervals: Mapping[str, Sequence[float]], name: str) -> str | None:
+    bounds = intervals.get(name)
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds and all(np.isfinite(bounds)) else None
 
-    header = f"{'model':<10}{'accuracy':>9}{'recall':>8}{'spec':>7}{'F2':>7}{'AUC':>7}{'score':>7}{'thresh':>8}  status"
+
+def format_leaderboard(frame: pd.DataFrame) -> str:
+    """Fixed-width text table; score is on validation, the other metrics on test (with 95 % intervals)."""
+    def cell(value: Any, interval: Any = None) -> str:
+        text = "-" if value is None or (isinstance(value, float) and np.isnan(value)) else (
+            f"{value:.3f}" if isinstance(value, float) else str(value))
+        return f"{text} {interval}" if isinstance(interval, str) else text
+
+    header = (f"{'model':<10}{'accuracy':>9}{'recall [95% CI]':>22}{'specificity [95% CI]':>23}{'F2':>7}"
+              f"{'AUC [95% CI]':>22}{'score':>7}{'thresh':>8}  status")
     lines = [header, "-" * len(header)]
-    for row in frame.itertuples(index=False):
-        lines.append(f"{row.model:<10}{cell(row.accuracy):>9}{cell(row.recall):>8}{cell(row.specificity):>7}"
-                     f"{cell(row.f2):>7}{cell(row.auc):>7}{cell(row.score):>7}{cell(row.threshold):>8}  {row.status}")
+    for row in frame.to_dict("records"):
+        lines.append(f"{row['model']:<10}{cell(row['accuracy']):>9}{cell(row['recall'], row['recall 95% CI']):>22}"
+                     f"{cell(row['specificity'], row['specificity 95% CI']):>23}{cell(row['f2']):>7}"
+                     f"{cell(row['auc'], row['auc 95% CI']):>22}{cell(row['score']):>7}{cell(row['threshold']):>8}"
+                     f"  {row['status']}")
     return "\n".join(lines)
 
 

@@ -50,9 +50,7 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
         _check_http(uri.rstrip("/"), timeout)
         return
     try:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the URI is unusable
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {one_line(error)}") from None
 

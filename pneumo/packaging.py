@@ -54,7 +54,11 @@ def _signature() -> Any:
 
     # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
     # arrays; predict() validates every item itself and names the bad one.
-    return ModelSignature(inputs=None, outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]))
+    from mlflow.types import ParamSchema, ParamSpec
+
+    outputs = Schema([ColSpec("double", "probability"), ColSpec("string", "label"),
+                      ColSpec("string", "heatmap", required=False)])
+    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("explain", "boolean", False)]))
 
 
 def example_image(image_size: int = 32) -> bytes:
@@ -70,7 +74,8 @@ def example_image(image_size: int = 32) -> bytes:
 
 
 @contextmanager
-def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: str) -> Iterator[dict[str, Any]]:
+def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: str,
+                 calibration: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Keyword arguments of ``mlflow.pyfunc`` save/log for our served model (files live while open)."""
     import pneumo
 
@@ -80,7 +85,7 @@ def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: st
         code_file = Path(tmp) / "served_model.py"
         code_file.write_text(_MODEL_CODE)
         config = {"threshold": float(threshold), "image_size": int(image_size), "candidate": candidate,
-                  "classes": list(CLASSES)}
+                  "classes": list(CLASSES), "calibration": dict(calibration or {"method": "identity"})}
         yield {
             "python_model": str(code_file), "artifacts": {KERAS_ARTIFACT: str(keras_file)}, "model_config": config,
             "code_paths": [os.path.dirname(pneumo.__file__)], "signature": _signature(),
@@ -88,11 +93,13 @@ def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: st
         }
 
 
-def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str) -> Path:
+def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str,
+                       calibration: dict[str, Any] | None = None) -> Path:
     """Save the served pyfunc to a local folder (tests, benchmarks, offline use)."""
     import mlflow.pyfunc
 
-    with _pyfunc_spec(model, threshold=threshold, image_size=image_size, candidate=candidate) as spec:
+    with _pyfunc_spec(model, threshold=threshold, image_size=image_size, candidate=candidate,
+                      calibration=calibration) as spec:
         mlflow.pyfunc.save_model(str(path), **spec)
     return Path(path)
 
@@ -104,7 +111,7 @@ def _logged_model_id(client: Any, run_id: str, name: str) -> str:
 
 
 def log_serving_model(client: Any, run_id: str, model: Any, *, threshold: float, image_size: int,
-                      candidate: str) -> str:
+                      candidate: str, calibration: dict[str, Any] | None = None) -> str:
     """Log the served pyfunc to a run (explicit run id: safe from concurrent threads).
 
     Returns:
@@ -114,7 +121,8 @@ def log_serving_model(client: Any, run_id: str, model: Any, *, threshold: float,
     from mlflow.models import Model
 
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
-    with _pyfunc_spec(model, threshold=threshold, image_size=image_size, candidate=candidate) as spec:
+    with _pyfunc_spec(model, threshold=threshold, image_size=image_size, candidate=candidate,
+                      calibration=calibration) as spec:
         info = Model.log(artifact_path=None, name=SERVING_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                          model_id=_logged_model_id(client, run_id, SERVING_MODEL_NAME),
                          input_example=example, **spec)

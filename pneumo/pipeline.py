@@ -111,8 +111,19 @@ def prepare_source(source: str, settings: Settings, config: TrainConfig, *, log:
     return prepared
 
 
-def read_test_set(root: Path, frame: pd.DataFrame) -> tuple[list[bytes], list[int]]:
-    """Encoded images and labels of a manifest's test rows (``subset`` column, else ``split``).
+@dataclass
+class TestSet:
+    """Encoded test images with their labels and patient ids (the paired gate resamples patients)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    images: list[bytes]
+    labels: list[int]
+    patients: list[str]
+
+
+def read_test_set(root: Path, frame: pd.DataFrame) -> TestSet:
+    """The test rows of a manifest (``subset`` column, else ``split``), read from ``root``.
 
     Raises:
         DataError: the manifest has no test image.
@@ -121,7 +132,8 @@ def read_test_set(root: Path, frame: pd.DataFrame) -> tuple[list[bytes], list[in
     rows = frame[frame[column] == "test"]
     if rows.empty:
         raise DataError("no test images in the manifest: cannot evaluate before promoting")
-    return [(Path(root) / path).read_bytes() for path in rows["path"]], [int(v) for v in rows["label"]]
+    return TestSet([(Path(root) / path).read_bytes() for path in rows["path"]], [int(v) for v in rows["label"]],
+                   [str(v) for v in rows["patient_id"]])
 
 
 # ----------------------------------------------------------------------------- one candidate
@@ -137,6 +149,8 @@ class CandidateResult:
     score: float = float("nan")  # selection score on validation
     validation: dict[str, float] = field(default_factory=dict)  # at the tuned threshold
     test: dict[str, float] = field(default_factory=dict)  # at the tuned threshold
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # split → metric → [low, high]
+    calibration: dict[str, Any] = field(default_factory=dict)  # Calibrator.to_config(): the served model applies it
     history: dict[str, list[float]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -160,6 +174,43 @@ def predict(model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(labels).astype(int), np.concatenate(probs)
 
 
+def _images_at(dataset: Any, indices: Sequence[int]) -> np.ndarray:
+    """The decoded images at ``indices`` of an unshuffled dataset, in that order."""
+    wanted, found, offset = set(indices), {}, 0
+    for images, _ in dataset:
+        batch = np.asarray(images)
+        found.update({offset + i: batch[i] for i in range(len(batch)) if offset + i in wanted})
+        offset += len(batch)
+    return np.stack([found[i] for i in indices])
+
+
+def explain_examples(model: Any, dataset: Any, labels: np.ndarray, probs: np.ndarray, threshold: float,
+                     out_dir: Path, name: str) -> dict[str, Path]:
+    """Heatmaps over a fixed sample of test images (a few true/false positives/negatives each).
+
+    Returns:
+        ``{"gradcam": contact sheet, "gradcam/<kind>_<i>": overlay PNG, …}``.
+    """
+    from pneumo import explain
+
+    picked = explain.pick_examples(labels, probs, threshold)
+    order = [(kind, index) for kind, indices in picked.items() for index in indices]
+    if not order:
+        return {}
+    images = _images_at(dataset, [index for _, index in order])
+    maps = explain.heatmaps(model, images)
+    method = "saliency" if explain.last_conv_layer(model) is None else "HiResCAM"
+    files = {"gradcam": explain.contact_sheet(
+        images, maps, [f"{kind.replace('_', ' ')} p={probs[index]:.2f}" for kind, index in order],
+        out_dir / "gradcam.png", f"{name}: {method} on test images (threshold {threshold:.3f})")}
+    for (kind, index), image, heatmap in zip(order, images, maps):
+        path = out_dir / "gradcam" / f"{kind}_{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(explain.overlay_png(image, heatmap))
+        files[f"gradcam/{path.stem}"] = path
+    return files
+
+
 def run_candidate(
     name: str, data: PreparedData, config: TrainConfig, out_dir: Path, *, score_weight: float = 2.0,
     log: Log = print,
@@ -170,6 +221,7 @@ def run_candidate(
     candidates going); the traceback goes to the log.
     """
     from pneumo import evaluate
+    from pneumo.calibration import fit_calibrator, plot_reliability
     from pneumo.data import subset_dataset
     from pneumo.train import train_candidate
 
@@ -182,24 +234,36 @@ def run_candidate(
         trained = train_candidate(name, datasets["train"], datasets["validation"], config,
                                   train_images=int((data.frame["subset"] == "train").sum()),
                                   class_weight=data.class_weight, log=log)
-        val_true, val_prob = predict(trained.model, datasets["validation"])
-        test_true, test_prob = predict(trained.model, datasets["test"])
+        val_true, val_raw = predict(trained.model, datasets["validation"])
+        test_true, test_raw = predict(trained.model, datasets["test"])
+        # Calibrated on validation; the threshold is tuned on the calibrated probabilities served.
+        calibrator = fit_calibrator(val_true, val_raw)
+        val_prob, test_prob = calibrator.apply(val_raw), calibrator.apply(test_raw)
         threshold, reached = evaluate.tune_threshold(val_true, val_prob, config.recall_target)
-        validation = evaluate.compute_metrics(val_true, val_prob, threshold)
-        test = evaluate.compute_metrics(test_true, test_prob, threshold)
+        validation = {**evaluate.compute_metrics(val_true, val_prob, threshold),
+                      **_calibration_metrics(val_true, val_raw, val_prob)}
+        test = {**evaluate.compute_metrics(test_true, test_prob, threshold),
+                **_calibration_metrics(test_true, test_raw, test_prob)}
         score = evaluate.selection_score(validation["recall"], validation["specificity"], score_weight)
+        intervals = {split: _intervals(labels, probs, threshold, _patients(data.frame, split, len(labels), log),
+                                       score_weight)
+                     for split, labels, probs in (("validation", val_true, val_prob), ("test", test_true, test_prob))}
         artifacts = {
             "confusion_matrix": evaluate.plot_confusion_matrix(test, out_dir / "confusion_matrix.png",
                                                                f"{name}: test @ {threshold:.3f}"),
             "roc": evaluate.plot_roc(test_true, test_prob, out_dir / "roc.png", f"{name}: test ROC"),
             "pr": evaluate.plot_pr(test_true, test_prob, out_dir / "pr.png", f"{name}: test PR"),
             "training_curves": evaluate.plot_history(trained.history, out_dir / "training_curves.png", name),
+            "reliability": plot_reliability(val_true, val_raw, val_prob, out_dir / "reliability.png",
+                                            f"{name}: validation, {calibrator.method} calibration"),
+            **explain_examples(trained.model, datasets["test"], test_true, test_prob, threshold, out_dir, name),
         }
         log(f"[{name}] done: validation score {score:.3f}, threshold {threshold:.3f}, "
             f"test recall {test['recall']:.3f}, specificity {test['specificity']:.3f}, AUC {test['roc_auc']:.3f}")
         return CandidateResult(
             name=name, status="ok", threshold=threshold, threshold_reached=reached, score=score,
-            validation=validation, test=test, history=trained.history, params=trained.params,
+            validation=validation, test=test, intervals=intervals, calibration=calibrator.to_config(),
+            history=trained.history, params=trained.params,
             seconds=time.perf_counter() - started, images_per_second=trained.images_per_second,
             artifacts={key: str(path) for key, path in artifacts.items()}, model=trained.model,
         )
@@ -207,6 +271,32 @@ def run_candidate(
         log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
         return CandidateResult(name=name, status="failed", error=f"{type(error).__name__}: {error}",
                                seconds=time.perf_counter() - started)
+
+
+def _patients(frame: pd.DataFrame, subset: str, predicted: int, log: Log) -> list[str]:
+    """Patient id per predicted image of a subset (the pipeline keeps the manifest's order)."""
+    patients = frame.loc[frame["subset"] == subset, "patient_id"].astype(str).tolist()
+    if len(patients) != predicted:  # an image failed to decode in the pipeline: no alignment to trust
+        log(f"{subset}: {len(patients) - predicted} image(s) dropped while decoding; intervals treat each "
+            "image as its own patient")
+        return [f"image-{index}" for index in range(predicted)]
+    return patients
+
+
+def _calibration_metrics(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
+    """ECE (15 bins) and Brier score of the served (calibrated) probabilities, and of the raw ones."""
+    from pneumo.calibration import brier_score, expected_calibration_error
+
+    return {"ece": expected_calibration_error(labels, calibrated), "brier": brier_score(labels, calibrated),
+            "ece_uncalibrated": expected_calibration_error(labels, raw), "brier_uncalibrated": brier_score(labels, raw)}
+
+
+def _intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, patients: list[str],
+               score_weight: float) -> dict[str, list[float]]:
+    from pneumo.stats import metric_intervals
+
+    found = metric_intervals(labels, probs, threshold, patients, score_weight=score_weight)
+    return {name: [interval.low, interval.high] for name, interval in found.items()}
 
 
 def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
@@ -266,7 +356,6 @@ def promote_best(
     from pneumo import registry
 
     root = materialize(test_manifest, params.source, settings)
-    images, labels = read_test_set(root, test_manifest)
-    return registry.promote(parent_run_id, images, labels, gate=params.gate, run_ids=run_ids,
+    return registry.promote(parent_run_id, read_test_set(root, test_manifest), gate=params.gate, run_ids=run_ids,
                             tracking_uri=params.tracking_uri, model_name=params.registered_model,
                             dry_run=dry_run)

@@ -6,6 +6,7 @@ The only module that calls MLflow's registry API (besides the lock in :mod:`pneu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -13,10 +14,14 @@ from typing import Any
 
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
+from pneumo.stats import Interval, PairedComparison, metric_intervals, paired_score_difference
 from pneumo.lock import promotion_lock
 from pneumo.mlflow_client import error_code, mlflow_client, one_line
+from pneumo.pipeline import TestSet
 from pneumo.runs import ranked_candidates
-from pneumo.tracking import SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, log_json
+from pneumo.tracking import (
+    SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +43,22 @@ class Evaluation:
     metrics: dict[str, float]
     score: float
     version: str | None = None
+    probabilities: Any = None  # per test image, for the paired comparison
+    intervals: dict[str, Interval] = field(default_factory=dict)
 
 
-def gate_reasons(gate: Gate, candidate: Evaluation, champion: Evaluation | None) -> list[str]:
-    """Why ``candidate`` may not become champion under ``gate``; empty when it passes."""
+def floor_reasons(gate: Gate, candidate: Evaluation) -> list[str]:
+    """Which test-metric floors ``candidate`` misses (on the interval's lower bound unless ``floors_on`` is point)."""
     found = []
-    if candidate.metrics["recall"] + _EPSILON < gate.min_recall:
-        found.append(f"test recall {candidate.metrics['recall']:.4f} is below the floor {gate.min_recall:.4f}")
-    if candidate.metrics["specificity"] + _EPSILON < gate.min_specificity:
-        found.append(f"test specificity {candidate.metrics['specificity']:.4f} is below the floor "
-                     f"{gate.min_specificity:.4f}")
-    if champion is not None and candidate.score + _EPSILON < champion.score + gate.margin:
-        found.append(f"test score {candidate.score:.4f} does not reach champion version {champion.version}'s "
-                     f"{champion.score:.4f} + margin {gate.margin:.4f} on the same test set")
+    for metric, floor in (("recall", gate.min_recall), ("specificity", gate.min_specificity)):
+        value = candidate.metrics[metric]
+        if gate.floors_on == "lower-bound" and metric in candidate.intervals:
+            low = candidate.intervals[metric].low
+            if math.isfinite(low) and low + _EPSILON < floor:
+                found.append(f"test {metric} {value:.4f} has its 95 % interval's lower bound {low:.4f} below the "
+                             f"floor {floor:.4f}")
+        elif value + _EPSILON < floor:
+            found.append(f"test {metric} {value:.4f} is below the floor {floor:.4f}")
     return found
 
 
@@ -67,29 +75,48 @@ class Decision:
     validation_score: float
     evaluation: Evaluation
     champion: Evaluation | None
+    gate: Gate
+    comparison: PairedComparison | None = None  # challenger − champion on the same test images
+    n_test_images: int = 0
+    n_test_patients: int = 0
     version: str | None = None  # the registered version (None on a dry run)
     aliases: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # better-ranked candidates that could not be evaluated
 
     @property
+    def verdict(self) -> str:
+        """``better`` / ``not-better`` / ``undecided`` from the paired test; ``better`` with no champion."""
+        if self.comparison is None:
+            return "better"
+        return self.comparison.verdict(self.gate.margin, self.gate.mode)
+
+    @property
+    def passes(self) -> bool:
+        """Floors met and the paired test clears the gate."""
+        return not self.reasons and self.verdict == "better"
+
+    @property
     def promoted(self) -> bool:
         """Whether ``champion`` moved to this candidate."""
-        return not self.reasons and not self.dry_run
+        return self.passes and not self.dry_run
 
     @property
     def reason(self) -> str:
         """One line: why it was (not) promoted."""
-        if self.reasons:
-            return "; ".join(self.reasons)
-        if self.champion is None:
-            return "passed the floors; there was no champion yet"
-        return (f"passed the floors and reached champion version {self.champion.version}'s score "
-                f"({self.evaluation.score:.4f} ≥ {self.champion.score:.4f})")
+        parts = list(self.reasons)
+        if self.comparison is not None:
+            parts.append(f"vs champion version {self.champion.version}: "  # type: ignore[union-attr]
+                         + self.comparison.describe(self.gate.margin, self.gate.mode))
+        elif not self.reasons:
+            parts.append("passed the floors; there was no champion yet")
+        return "; ".join(parts)
 
     @property
     def outcome(self) -> str:
-        """``promoted``, ``challenger`` (registered, not promoted) or ``dry-run: would …``."""
-        verdict = "challenger" if self.reasons else "promoted"
+        """``promoted``, ``challenger`` (registered, not promoted), ``undecided`` (registered as
+        challenger: the test split cannot tell) or ``dry-run: would be …``."""
+        verdict = "promoted" if self.passes else "undecided" if not self.reasons and self.verdict == "undecided" \
+            else "challenger"
         return f"dry-run: would be {verdict}" if self.dry_run else verdict
 
     def record(self) -> dict[str, Any]:
@@ -102,6 +129,14 @@ class Decision:
             "parent_run_id": self.parent_run_id, "validation_score": self.validation_score,
             "score": self.evaluation.score, "threshold": self.evaluation.threshold,
             "metrics": dict(self.evaluation.metrics),
+            "intervals": {name: [i.low, i.high] for name, i in self.evaluation.intervals.items()},
+            "n_test_images": self.n_test_images, "n_test_patients": self.n_test_patients,
+            "gate": self.gate.model_dump(mode="json"),
+            "score_diff": comparison.diff if (comparison := self.comparison) else None,
+            "score_diff_ci_low": comparison.low if comparison else None,
+            "score_diff_ci_high": comparison.high if comparison else None,
+            "p_better": comparison.p_better if comparison else None,
+            "method": comparison.method if comparison else None,
             "champion_version": champion.version if champion else None,
             "champion_score": champion.score if champion else None,
             "champion_metrics": dict(champion.metrics) if champion else None,
@@ -141,28 +176,38 @@ def _ensure_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def evaluate_model(model_uri: str, images: Sequence[bytes], labels: Sequence[int], *, score_weight: float,
-                   version: str | None = None) -> Evaluation:
-    """Score a served (pyfunc) model on encoded test images at the threshold stored with it."""
+def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | None = None) -> Evaluation:
+    """Score a served (pyfunc) model on encoded test images at the threshold stored with it, with intervals."""
     import mlflow.pyfunc
 
     from pneumo.evaluate import compute_metrics, selection_score
 
     model = mlflow.pyfunc.load_model(model_uri)
     threshold = float((model.model_config or {}).get("threshold", 0.5))
-    metrics = compute_metrics(labels, model.predict(list(images))["probability"].to_numpy(), threshold)
+    probabilities = model.predict(list(test.images))["probability"].to_numpy()
+    metrics = compute_metrics(test.labels, probabilities, threshold)
+    intervals = metric_intervals(test.labels, probabilities, threshold, test.patients,
+                                 score_weight=gate.score_weight, replicates=gate.replicates)
     return Evaluation(model_uri=model_uri, threshold=threshold, metrics=metrics, version=version,
-                      score=selection_score(metrics["recall"], metrics["specificity"], score_weight))
+                      score=selection_score(metrics["recall"], metrics["specificity"], gate.score_weight),
+                      probabilities=probabilities, intervals=intervals)
 
 
-def _evaluate_best(ranked: Sequence[Any], images: Sequence[bytes], labels: Sequence[int],
-                   score_weight: float) -> tuple[Any, Evaluation, list[str]]:
+def _own_model(client: Any, run: Any) -> str:
+    """The served model a candidate run logged; refuses a tag that points at another run's model."""
+    uri = run.data.tags[TAG_SERVING_MODEL]
+    source_run = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    if source_run != run.info.run_id:
+        raise PromotionError(f"its model {uri} was logged by run {source_run}, not by this candidate")
+    return uri
+
+
+def _evaluate_best(client: Any, ranked: Sequence[Any], test: TestSet, gate: Gate) -> tuple[Any, Evaluation, list[str]]:
     """The best-ranked candidate whose model loads and scores, and why better-ranked ones were skipped."""
     skipped: list[str] = []
     for run in ranked:
         try:
-            return run, evaluate_model(run.data.tags[TAG_SERVING_MODEL], images, labels,
-                                       score_weight=score_weight), skipped
+            return run, evaluate_model(_own_model(client, run), test, gate), skipped
         except Exception as error:  # noqa: BLE001 - a broken candidate must not block the next one
             name = run.data.tags.get(TAG_CANDIDATE, run.info.run_name)
             skipped.append(f"{name} (run {run.info.run_id}): {one_line(error)}")
@@ -172,25 +217,25 @@ def _evaluate_best(ranked: Sequence[Any], images: Sequence[bytes], labels: Seque
 
 # ----------------------------------------------------------------------------- promotion
 def promote(
-    parent_run_id: str, test_images: Sequence[bytes], test_labels: Sequence[int], *, gate: Gate,
-    model_name: str, run_ids: Collection[str] | None = None, tracking_uri: str | None = None,
-    dry_run: bool = False, lock_timeout: float = 600.0,
+    parent_run_id: str, test: TestSet, *, gate: Gate, model_name: str, run_ids: Collection[str] | None = None,
+    tracking_uri: str | None = None, dry_run: bool = False, lock_timeout: float = 600.0,
 ) -> Decision:
     """Register the retraining's best candidate and move ``champion`` only if it passes the gate.
 
     The candidate is evaluated first (outside the lock; a candidate whose model fails to load is
     skipped for the next best); then, holding the promotion lock, the current champion is read
-    afresh and evaluated on the same test set, the gate decides, and the registry changes:
-    pass → ``champion`` moves to the new version and the old champion becomes
-    ``previous-champion``; fail → the new version gets ``challenger`` and a tag with the reason.
+    afresh and evaluated on the same test images, the gate decides (floors, then a paired
+    bootstrap of the score difference by patient: see :mod:`pneumo.stats`), and the registry
+    changes: pass → ``champion`` moves to the new version and the old champion becomes
+    ``previous-champion``; fail or undecided → the new version gets ``challenger`` and a tag with
+    the reason.
     The decision is logged on the parent run. If any step fails, the new version is deleted and
     the aliases are put back, so nothing half-done remains.
 
     Args:
         parent_run_id: the retraining's parent run.
-        test_images: encoded test images (the same set the champion is measured on).
-        test_labels: their labels.
-        gate: floors, margin and score weight.
+        test: encoded test images, labels and patient ids (the champion is measured on the same).
+        gate: floors, margin, mode and score weight.
         model_name: registered model name.
         run_ids: only these child runs compete (default: every finished candidate of the retraining).
         tracking_uri: MLflow URI (default: the process-wide one).
@@ -201,25 +246,28 @@ def promote(
         PromotionError: no candidate or test set, lock not obtained, or the registry failed
             (and was rolled back).
     """
-    images, labels = list(test_images), list(test_labels)
-    if len(images) != len(labels) or not images:
-        raise PromotionError(f"need a non-empty test set with one label per image "
-                             f"(got {len(images)} images, {len(labels)} labels)")
+    if not test.images or not len(test.images) == len(test.labels) == len(test.patients):
+        raise PromotionError(f"need a non-empty test set with one label and patient per image (got "
+                             f"{len(test.images)} images, {len(test.labels)} labels, {len(test.patients)} patients)")
     client = mlflow_client(tracking_uri)
     ranked = ranked_candidates(parent_run_id, run_ids, tracking_uri=tracking_uri)
-    best, evaluation, skipped = _evaluate_best(ranked, images, labels, gate.score_weight)
+    best, evaluation, skipped = _evaluate_best(client, ranked, test, gate)
 
     def decide() -> Decision:
         current = _alias_version(client, model_name, CHAMPION)
-        champion = None
+        champion = comparison = None
         if current is not None:
-            champion = evaluate_model(f"models:/{model_name}/{current.version}", images, labels,
-                                      score_weight=gate.score_weight, version=str(current.version))
+            champion = evaluate_model(f"models:/{model_name}/{current.version}", test, gate,
+                                      version=str(current.version))
+            comparison = paired_score_difference(
+                test.labels, evaluation.probabilities, evaluation.threshold, champion.probabilities,
+                champion.threshold, test.patients, score_weight=gate.score_weight, replicates=gate.replicates)
         return Decision(
             model_name=model_name, candidate=best.data.tags.get(TAG_CANDIDATE, best.info.run_name),
             run_id=best.info.run_id, parent_run_id=parent_run_id, dry_run=dry_run,
-            reasons=gate_reasons(gate, evaluation, champion), validation_score=float(best.data.metrics[SCORE_METRIC]),
-            evaluation=evaluation, champion=champion, skipped=skipped,
+            reasons=floor_reasons(gate, evaluation), validation_score=float(best.data.metrics[SCORE_METRIC]),
+            evaluation=evaluation, champion=champion, gate=gate, comparison=comparison,
+            n_test_images=len(test.images), n_test_patients=len(set(test.patients)), skipped=skipped,
         )
 
     if dry_run:  # read-only: no lock, no registration
@@ -240,22 +288,42 @@ def _version_tags(decision: Decision, best: Any) -> dict[str, str]:
         "pneumo.test_recall": metrics["recall"], "pneumo.test_specificity": metrics["specificity"],
         "pneumo.test_roc_auc": metrics.get("roc_auc", float("nan")), "pneumo.threshold": decision.evaluation.threshold,
     }
+    values.update({f"pneumo.test_{name}.ci_{side}": bound for name in ("recall", "specificity", "roc_auc")
+                   if name in decision.evaluation.intervals
+                   for side, bound in zip(("low", "high"), _bounds(decision.evaluation.intervals[name]))})
+    if (comparison := decision.comparison) is not None:
+        values.update({"pneumo.score_diff": comparison.diff, "pneumo.score_diff.ci_low": comparison.low,
+                       "pneumo.score_diff.ci_high": comparison.high, "pneumo.p_better": comparison.p_better})
     return {
         TAG_CANDIDATE: decision.candidate, **{key: repr(float(value)) for key, value in values.items()},
+        "pneumo.n_test_images": str(decision.n_test_images), "pneumo.n_test_patients": str(decision.n_test_patients),
+        "pneumo.gate": f"{decision.gate.mode}, margin {decision.gate.margin}, floors on {decision.gate.floors_on}",
+        "pneumo.method": comparison.method if comparison else "",
         TAG_FINGERPRINT: best.data.tags.get(TAG_FINGERPRINT, ""), "pneumo.run_id": decision.run_id,
         "pneumo.parent_run_id": decision.parent_run_id,
     }
 
 
-def _description(decision: Decision, best: Any) -> str:
-    metrics = decision.evaluation.metrics
-    return (
-        f"{decision.candidate} from retraining run {decision.parent_run_id} (candidate run {decision.run_id}). "
-        f"Validation selection score {decision.validation_score:.4f}; on the test set at threshold "
-        f"{decision.evaluation.threshold:.4f}: recall {metrics['recall']:.4f}, specificity "
-        f"{metrics['specificity']:.4f}, score {decision.evaluation.score:.4f}. "
-        f"Dataset fingerprint {best.data.tags.get(TAG_FINGERPRINT, '?')[:16]}."
-    )
+def _bounds(interval: Interval) -> tuple[float, float]:
+    return interval.low, interval.high
+
+
+def _card(client: Any, decision: Decision, best: Any) -> str:
+    """The version's model card, from the candidate run and the retraining's data report."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pneumo.model_card import model_card
+
+    report = None
+    with tempfile.TemporaryDirectory(prefix="pneumo-card-") as tmp:
+        try:
+            report = json.loads(Path(client.download_artifacts(decision.parent_run_id, "data_report.json", tmp)).read_text())
+        except Exception:  # noqa: BLE001 - a retraining logged without a report still gets a card
+            log.warning("retraining %s has no data_report.json; the card omits the counts", decision.parent_run_id)
+    return model_card(decision.record(), best.data.params, best.data.metrics, report,
+                      best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""))
 
 
 def _apply(client: Any, decision: Decision, best: Any) -> None:
@@ -264,13 +332,13 @@ def _apply(client: Any, decision: Decision, best: Any) -> None:
     before = _aliases(client, name)
     created = None
     try:
-        source = best.data.tags[TAG_SERVING_MODEL]
+        source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
         created = client.create_model_version(name, source=source, run_id=decision.run_id,
-                                              tags=_version_tags(decision, best),
-                                              description=_description(decision, best),
+                                              tags=_version_tags(decision, best), description=card,
                                               model_id=source.removeprefix("models:/"))
+        log_text(client, decision.run_id, "model_card.md", card)
         decision.version = str(created.version)
-        verdict = "promoted" if decision.promoted else "challenger"
+        verdict = decision.outcome
         if decision.promoted:
             # previous-champion first: a kill between the two writes never leaves it stale.
             if decision.champion is not None:
@@ -311,7 +379,7 @@ def _log_decision(client: Any, decision: Decision) -> None:
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    tags = [RunTag("pneumo.promotion.decision", "promoted" if decision.promoted else "challenger"),
+    tags = [RunTag("pneumo.promotion.decision", decision.outcome),
             RunTag("pneumo.promotion.version", decision.version or ""),
             RunTag("pneumo.promotion.candidate", decision.candidate),
             RunTag("pneumo.promotion.reason", decision.reason[:5000])]
@@ -319,6 +387,9 @@ def _log_decision(client: Any, decision: Decision) -> None:
     if decision.champion is not None:
         tags.append(RunTag("pneumo.promotion.champion_version", decision.champion.version or ""))
         metrics.append(Metric("promotion.champion_test_score", decision.champion.score, now, 0))
+    if (comparison := decision.comparison) is not None:
+        metrics += [Metric(f"promotion.score_diff{suffix}", value, now, 0) for suffix, value in
+                    (("", comparison.diff), (".ci_low", comparison.low), (".ci_high", comparison.high))]
     client.log_batch(decision.parent_run_id, metrics=metrics, tags=tags)
     log_json(client, decision.parent_run_id, "decision.json", decision.record(), "promotion")
 
@@ -335,10 +406,14 @@ def _version_info(version: Any, aliases: dict[str, str]) -> dict[str, Any]:
         "threshold": float(tags["pneumo.threshold"]) if "pneumo.threshold" in tags else None,
         "metrics": {key.removeprefix("pneumo."): float(value) for key, value in tags.items()
                     if key.startswith(("pneumo.test_", "pneumo.selection_score")) and _is_float(value)},
+        "decision": {key.removeprefix("pneumo."): float(value) if _is_float(value) else value
+                     for key, value in tags.items() if key.startswith(("pneumo.score_diff", "pneumo.p_better",
+                                                                       "pneumo.n_test_", "pneumo.method", "pneumo.gate"))},
         "run_id": version.run_id,
         "parent_run_id": tags.get("pneumo.parent_run_id"),
         "source": version.source,
         "dataset_fingerprint": tags.get(TAG_FINGERPRINT),
+        "card": version.description or "",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(version.creation_timestamp / 1000)),
         "uri": f"models:/{version.name}@{CHAMPION}" if aliases.get(CHAMPION) == number
         else f"models:/{version.name}/{number}",

@@ -198,29 +198,34 @@ def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the pyfunc
 class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
-    """Keras model + tuned threshold + image size, behind MLflow's pyfunc interface."""
+    """Keras model + calibration + tuned threshold + image size, behind MLflow's pyfunc interface."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the Keras file and read ``threshold``/``image_size`` from the model config."""
+        """Load the Keras file (safe mode: no code in it runs) and read the model config."""
         import keras
-        import tensorflow as tf
+
+        from pneumo.calibration import Calibrator
 
         config = context.model_config or {}
         self.threshold = float(config["threshold"])
         self.image_size = int(config["image_size"])
-        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        size = self.image_size
-        # One traced graph for the forward pass: cheaper per call than predict_on_batch.
-        self._forward = tf.function(lambda pixels: self.model(pixels, training=False),
-                                    input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        self.calibrator = Calibrator.from_config(config.get("calibration"))
+        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
 
-    def predict_probabilities(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Pneumonia probabilities for encoded images, in chunks of :data:`CHUNK`."""
-        outputs = []
+    def predict_probabilities(self, encoded: Sequence[bytes], *, explain: bool = False) -> tuple[np.ndarray, list[str]]:
+        """Calibrated pneumonia probabilities for encoded images, in chunks of :data:`CHUNK`.
+
+        Returns:
+            The probabilities, and with ``explain`` one base64 PNG heatmap overlay per image.
+        """
+        outputs, overlays = [], []
         for start in range(0, len(encoded), CHUNK):
             pixels = decode_batch(encoded[start:start + CHUNK], self.image_size)
-            outputs.append(np.asarray(self._forward(pixels), dtype=np.float64).ravel())
-        return np.concatenate(outputs)
+            # An eager call: a tf.function per loaded model makes TensorFlow warn about retracing.
+            outputs.append(np.asarray(self.model(pixels, training=False), dtype=np.float64).ravel())
+            if explain:
+                overlays += _heatmap_overlays(self.model, pixels.numpy())
+        return self.calibrator.apply(np.concatenate(outputs)), overlays
 
     # model_input is deliberately unannotated: MLflow would try to derive a schema from the hint.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
@@ -229,13 +234,25 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's context (unused; everything is loaded in ``load_context``).
             model_input: see :func:`as_encoded_images` for the accepted forms.
-            params: unused.
+            params: ``{"explain": true}`` adds a ``heatmap`` column (base64 PNG overlay per image).
 
         Returns:
-            DataFrame with one row per image: ``probability`` and ``label`` (NORMAL/PNEUMONIA).
+            DataFrame with one row per image: ``probability`` (calibrated) and ``label`` (NORMAL/PNEUMONIA).
 
         Raises:
             InvalidImageError: an item is not an image; the message names its index.
         """
-        encoded = as_encoded_images(model_input)
-        return label_frame(self.predict_probabilities(encoded), self.threshold)
+        explain = bool((params or {}).get("explain", False))
+        probabilities, overlays = self.predict_probabilities(as_encoded_images(model_input), explain=explain)
+        frame = label_frame(probabilities, self.threshold)
+        if explain:
+            frame["heatmap"] = overlays
+        return frame
+
+
+def _heatmap_overlays(model: Any, pixels: np.ndarray) -> list[str]:
+    """What drove each prediction: a heatmap over the image, as base64 PNG (JSON carries text)."""
+    from pneumo.explain import heatmaps, overlay_png
+
+    return [base64.b64encode(overlay_png(image, heatmap)).decode("ascii")
+            for image, heatmap in zip(pixels, heatmaps(model, pixels))]

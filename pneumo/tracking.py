@@ -62,12 +62,17 @@ def _log_metrics(client: Any, run_id: str, metrics: Sequence[tuple[str, float, i
         client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
+def log_text(client: Any, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
+    """Write ``text`` as an artifact ``name`` of a run."""
+    with tempfile.TemporaryDirectory(prefix="pneumo-artifact-") as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 def log_json(client: Any, run_id: str, name: str, data: Any, artifact_path: str | None = None) -> None:
     """Write ``data`` as a JSON artifact ``name`` of a run."""
-    with tempfile.TemporaryDirectory(prefix="pneumo-json-") as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=2, default=str))
-        client.log_artifact(run_id, str(path), artifact_path)
+    log_text(client, run_id, name, json.dumps(data, indent=2, default=str), artifact_path)
 
 
 def dataset_entity(source: str, fingerprint: str, frame: Any = None) -> Any:
@@ -120,6 +125,19 @@ def _experiment_id(client: Any, name: str) -> str:
         return found.experiment_id
 
 
+def _origin_tags() -> dict[str, str]:
+    """Who and what started a run: the MLflow UI's "Created by" and "Source" columns."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    return {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: "pneumo retrain (flows/retrain.py)", MLFLOW_SOURCE_TYPE: "JOB"}
+
+
 # ----------------------------------------------------------------------------- parent run
 def start_retraining(
     tracking_uri: str, experiment: str, source: str, fingerprint: str, config: Any, *,
@@ -152,7 +170,7 @@ def start_retraining(
             _experiment_id(client, experiment),
             run_name=run_name or time.strftime("retrain-%Y%m%d-%H%M%S", time.gmtime()),
             tags={TAG_KIND: "retraining", TAG_SOURCE: source, TAG_FINGERPRINT: fingerprint,
-                  TAG_VERSION: pneumo.__version__},
+                  TAG_VERSION: pneumo.__version__, **_origin_tags()},
         )
         run_id = run.info.run_id
         _log_params(client, run_id, flatten(config))
@@ -167,6 +185,13 @@ def start_retraining(
     except Exception as error:  # noqa: BLE001 - report any store failure with the URI
         raise TrackingError(f"cannot start the retraining run on {tracking_uri}: {one_line(error)}") from None
     return run_id
+
+
+def log_leaderboard(parent_run_id: str, rows: Sequence[Mapping[str, Any]], *, tracking_uri: str | None = None) -> None:
+    """The leaderboard as an MLflow table on the parent run (the UI's artifact view shows it as a table)."""
+    import pandas as pd
+
+    mlflow_client(tracking_uri).log_table(parent_run_id, pd.DataFrame(list(rows)), "leaderboard.json")
 
 
 def finish_retraining(parent_run_id: str, *, status: str = "FINISHED", error: str | None = None,
@@ -188,7 +213,8 @@ def start_candidate(parent_run_id: str, name: str, *, tracking_uri: str | None =
     run = client.create_run(
         parent.info.experiment_id, run_name=name,
         tags={PARENT_RUN_TAG: parent_run_id, MLFLOW_RUN_NAME: name, TAG_KIND: "candidate", TAG_CANDIDATE: name,
-              TAG_SOURCE: parent.data.tags.get(TAG_SOURCE, ""), TAG_FINGERPRINT: parent.data.tags.get(TAG_FINGERPRINT, "")},
+              TAG_SOURCE: parent.data.tags.get(TAG_SOURCE, ""), TAG_FINGERPRINT: parent.data.tags.get(TAG_FINGERPRINT, ""),
+              **_origin_tags()},
     )
     for entity in (item.dataset for item in (parent.inputs.dataset_inputs if parent.inputs else [])):
         _log_dataset(client, run.info.run_id, entity, "training")
@@ -247,27 +273,31 @@ def log_candidate(
         params = {**flatten(config), **model_params(result.model), "model": result.name,
                   "image_size": str(config.image_size)}
         params.update({key: str(value)[:_MAX_PARAM] for key, value in result.params.items()})
+        params["calibration"] = json.dumps(result.calibration)
         params.update({f"class_weight_{label}": f"{float(w):.6g}" for label, w in (class_weight or {}).items()})
         _log_params(client, run_id, params)
         rows = [(key, value, step) for key, values in result.history.items() for step, value in enumerate(values)]
         rows += [(f"validation.{key}", value, 0) for key, value in result.validation.items()]
         rows += [(f"test.{key}", value, 0) for key, value in result.test.items()]
+        rows += [(f"{split}.{metric}.ci_{side}", bound, 0) for split, metrics in result.intervals.items()
+                 for metric, bounds in metrics.items() for side, bound in zip(("low", "high"), bounds)]
         rows += [(SCORE_METRIC, result.score, 0), ("threshold", result.threshold, 0),
                  ("threshold_reached", float(result.threshold_reached), 0),
                  ("train_seconds", result.seconds, 0), ("images_per_second", result.images_per_second, 0)]
         _log_metrics(client, run_id, rows)
-        for artifact in result.artifacts.values():
-            path = Path(artifact)
-            client.log_artifact(run_id, str(path), "plots" if path.suffix.lower() == ".png" else "reports")
+        for key, artifact in result.artifacts.items():
+            folder = "plots/" + key.rpartition("/")[0] if "/" in key else "plots"  # plots/gradcam/<overlay>
+            client.log_artifact(run_id, str(artifact), folder.rstrip("/"))
         log_json(client, run_id, "metrics.json", {
             "candidate": result.name, "threshold": result.threshold, "threshold_reached": result.threshold_reached,
             "selection_score": result.score, "validation": result.validation, "test": result.test,
-            "history": result.history})
+            "intervals": result.intervals, "history": result.history})
         if data_report is not None:
             log_json(client, run_id, "data_report.json", data_report)
         keras_uri = log_keras_model(client, run_id, result.model, config.image_size)
         serving_uri = log_serving_model(client, run_id, result.model, threshold=result.threshold,
-                                        image_size=config.image_size, candidate=result.name)
+                                        image_size=config.image_size, candidate=result.name,
+                                        calibration=result.calibration)
         client.set_tag(run_id, TAG_KERAS_MODEL, keras_uri)
         client.set_tag(run_id, TAG_SERVING_MODEL, serving_uri)
     except Exception as error:

@@ -15,7 +15,8 @@ import pytest
 from pneumo import lock, registry, tracking
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from pneumo.pipeline import read_test_set
+from pneumo.stats import Interval
+from pneumo.pipeline import TestSet, read_test_set
 from pneumo.runs import candidate_runs
 from tests.plugins.mlflow_server import brightness_model, labelled_images, log_retraining, threshold_for
 
@@ -34,9 +35,22 @@ def model():
     return brightness_model(32)
 
 
+GATE = Gate(floors_on="point")  # these tests check the gate's logic; floors on intervals have their own test
+
+
+def repeated_split(copies: int = 4, per_class: int = 10) -> TestSet:
+    """``copies`` noisy copies of the same gray levels (metrics as for one copy), one patient per image."""
+    images, labels = [], []
+    for copy in range(copies):
+        found = labelled_images(per_class, per_class, seed=1000 * copy)
+        images += found[0]
+        labels += found[1]
+    return TestSet(images, labels, [f"patient-{index}" for index in range(len(images))])
+
+
 @pytest.fixture(scope="module")
-def test_set() -> tuple[list[bytes], list[int]]:
-    return labelled_images(10, 10)
+def test_set() -> TestSet:
+    return repeated_split()
 
 
 def retraining(uri: str, experiment: str, model, candidates: dict[str, tuple[float, float]],
@@ -73,11 +87,10 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
 
     client = MlflowClient(mlflow_uri)
     name, experiment = unique_name("model"), unique_name("exp")
-    images, labels = test_set
-
+    
     # 1. First retraining: the best on validation is registered and, with no champion, promoted.
     first = retraining(mlflow_uri, experiment, model, {"cnn": (MID, 0.9), "dense": (BEST, 0.5)})
-    decision = registry.promote(first, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+    decision = registry.promote(first, test_set, gate=GATE, tracking_uri=mlflow_uri,
                                 model_name=name)
     assert decision.promoted and decision.candidate == "cnn" and decision.version == "1"
     assert decision.evaluation.metrics["specificity"] == pytest.approx(0.7)
@@ -92,12 +105,15 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
 
     # 2. A worse model passes the floors but not the champion: registered as challenger, with why.
     second = retraining(mlflow_uri, experiment, model, {"cnn": (WORSE, 0.95)})
-    decision = registry.promote(second, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+    decision = registry.promote(second, test_set, gate=GATE, tracking_uri=mlflow_uri,
                                 model_name=name)
     assert not decision.promoted and decision.version == "2" and decision.champion.version == "1"
     assert aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     reason = client.get_model_version(name, "2").tags[registry.REASON_TAG]
-    assert reason == "test score 0.7667 does not reach champion version 1's 0.9000 + margin 0.0000 on the same test set"
+    assert reason.startswith("vs champion version 1: not better: difference -0.133 [") and "margin 0.000" in reason
+    record = decision.record()
+    assert record["score_diff"] == pytest.approx(0.7667 - 0.9, abs=1e-3) and record["score_diff_ci_high"] <= 0
+    assert record["n_test_images"] == 80 and record["n_test_patients"] == 80 and "bootstrap" in record["method"]
     parent = client.get_run(second)
     assert parent.data.tags["pneumo.promotion.decision"] == "challenger"
     assert parent.data.tags["pneumo.promotion.reason"] == reason
@@ -108,24 +124,26 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     # 3. Dry run of a better model: the decision, and nothing changes. The retraining's dataset
     # is a local folder this time, so the command line can find its test split by itself.
     data = tmp_path / "data"
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(test_set.images, test_set.labels)):
         folder = data / "chest_xray" / "test" / ("PNEUMONIA" if label else "NORMAL")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / (f"person{index}_bacteria_1.jpeg" if label else f"IM-{index:04d}-0001.jpeg")).write_bytes(image)
     third = retraining(mlflow_uri, experiment, model, {"cnn_deep": (BEST, 0.97)}, source=str(data))
-    dry = registry.promote(third, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+    dry = registry.promote(third, test_set, gate=GATE, tracking_uri=mlflow_uri,
                            model_name=name, dry_run=True)
     assert dry.outcome == "dry-run: would be promoted" and dry.version is None and dry.champion.version == "1"
     assert versions(mlflow_uri, name) == ["1", "2"] and aliases(mlflow_uri, name) == {"champion": "1", "challenger": "2"}
     assert "pneumo.promotion.decision" not in client.get_run(third).data.tags
     monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
-    code, out = cli(capsys, "promote", third, "--dry-run", "--model", name, "--tracking-uri", mlflow_uri, "--json")
+    code, out = cli(capsys, "promote", third, "--dry-run", "--floors-on", "point", "--model", name,
+                    "--tracking-uri", mlflow_uri, "--json")
     assert code == 0 and out["outcome"] == "dry-run: would be promoted" and out["champion_version"] == "1"
     assert out["metrics"]["recall"] == 1.0 and out["champion_metrics"]["specificity"] == pytest.approx(0.7)
+    assert out["score_diff"] == pytest.approx(0.1, abs=1e-3) and out["score_diff_ci_low"] > 0
     assert versions(mlflow_uri, name) == ["1", "2"]
 
     # 4. The better model promotes; the old champion becomes previous-champion.
-    decision = registry.promote(third, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+    decision = registry.promote(third, test_set, gate=GATE, tracking_uri=mlflow_uri,
                                 model_name=name)
     assert decision.promoted and decision.version == "3" and decision.record()["previous_champion"] == "1"
     assert aliases(mlflow_uri, name) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
@@ -133,6 +151,9 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
     assert info["version"] == "3" and info["candidate"] == "cnn_deep" and info["metrics"]["test_score"] == 1.0
     assert info["threshold"] == pytest.approx(threshold_for(BEST)) and info["run_id"] == decision.run_id
     assert info["aliases"] == ["champion"] and info["uri"] == f"models:/{name}@champion"
+    assert info["metrics"]["test_recall.ci_low"] <= 1.0 <= info["metrics"]["test_recall.ci_high"]
+    assert info["decision"]["score_diff.ci_low"] <= info["decision"]["score_diff"] <= info["decision"]["score_diff.ci_high"]
+    assert info["decision"]["n_test_images"] == 80
 
     code, shown = cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json")
     assert code == 0 and shown["version"] == "3" and shown["run_id"] == decision.run_id
@@ -153,16 +174,15 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
     name = unique_name("model")
     parent = retraining(mlflow_uri, unique_name("exp"), model, {"cnn": (LOW_RECALL, 0.9)})
     # Called the way the flow calls it: survivor records, and the test split as files + manifest rows.
-    images, labels = test_set
     rows = []
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(test_set.images, test_set.labels)):
         path = f"chest_xray/test/{'PNEUMONIA' if label else 'NORMAL'}/{index}.jpeg"
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(image)
-        rows.append({"path": path, "label": label, "subset": "test"})
+        rows.append({"path": path, "label": label, "subset": "test", "patient_id": f"p{index}"})
     run_ids = [run.info.run_id for run in candidate_runs(parent, tracking_uri=mlflow_uri)]
-    images, labels = read_test_set(tmp_path, pd.DataFrame(rows))
-    decision = registry.promote(parent, images, labels, gate=Gate(min_recall=0.95, min_specificity=0.5),
+    decision = registry.promote(parent, read_test_set(tmp_path, pd.DataFrame(rows)),
+                                gate=Gate(min_recall=0.95, min_specificity=0.5, floors_on="point"),
                                 model_name=name, run_ids=run_ids, tracking_uri=mlflow_uri)
     assert not decision.promoted and decision.champion is None
     assert decision.reasons == ["test recall 0.4000 is below the floor 0.9500"]
@@ -172,26 +192,26 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
     assert cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json") == (1, None)
 
 
-def test_gate_lists_every_reason():
-    def evaluation(recall: float, specificity: float, version: str | None = None) -> registry.Evaluation:
-        metrics = {"recall": recall, "specificity": specificity}
-        return registry.Evaluation("models:/x", 0.5, metrics, (2 * recall + specificity) / 3, version)
+def test_floors_apply_to_the_lower_bound_unless_told_otherwise():
+    def evaluation(recall: float, low: float) -> registry.Evaluation:
+        intervals = {"recall": Interval(recall, low, 1.0, "wilson"), "specificity": Interval(0.5, 0.4, 0.6, "wilson")}
+        return registry.Evaluation("models:/x", 0.5, {"recall": recall, "specificity": 0.5}, 0.8, intervals=intervals)
 
-    gate = Gate(min_recall=0.95, min_specificity=0.6, margin=0.01)
-    assert registry.gate_reasons(gate, evaluation(0.9, 0.5), evaluation(1.0, 1.0, "7")) == [
-        "test recall 0.9000 is below the floor 0.9500",
-        "test specificity 0.5000 is below the floor 0.6000",
-        "test score 0.7667 does not reach champion version 7's 1.0000 + margin 0.0100 on the same test set",
+    gate = Gate(min_recall=0.95, min_specificity=0.6)
+    assert registry.floor_reasons(gate, evaluation(0.97, 0.91)) == [
+        "test recall 0.9700 has its 95 % interval's lower bound 0.9100 below the floor 0.9500",
+        "test specificity 0.5000 has its 95 % interval's lower bound 0.4000 below the floor 0.6000",
     ]
-    assert registry.gate_reasons(gate, evaluation(0.96, 0.7), evaluation(0.96, 0.67, "7")) == []  # 0.8733 ≥ 0.8633 + 0.01
-    assert registry.gate_reasons(Gate(), evaluation(0.95, 0.0), None) == []  # floors are inclusive
+    assert registry.floor_reasons(gate.model_copy(update={"floors_on": "point"}), evaluation(0.97, 0.91)) == [
+        "test specificity 0.5000 is below the floor 0.6000",
+    ]
+    assert registry.floor_reasons(Gate(min_recall=0.95), evaluation(0.99, 0.95)) == []  # inclusive
 
 
 def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, unique_name, model, test_set):
     from mlflow import MlflowClient
 
     name, experiment = unique_name("model"), unique_name("exp")
-    images, labels = test_set
     best = retraining(mlflow_uri, experiment, model, {"cnn": (BEST, 0.9)})
     good = retraining(mlflow_uri, experiment, model, {"cnn": (GOOD, 0.9)})
     barrier = threading.Barrier(2)
@@ -201,7 +221,7 @@ def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, uniq
     def run(label: str, parent: str) -> None:
         try:
             barrier.wait(timeout=60)  # both reach the registry at the same moment
-            decisions[label] = registry.promote(parent, images, labels, gate=Gate(),
+            decisions[label] = registry.promote(parent, test_set, gate=GATE,
                                                 tracking_uri=mlflow_uri, model_name=name)
         except BaseException as error:  # noqa: BLE001 - re-raised below
             errors.append(error)
@@ -278,9 +298,8 @@ def test_a_failure_midway_leaves_no_version_and_no_alias(mlflow_uri, unique_name
     # Deleting the parent run makes the last step (logging the decision on it) fail after the
     # version was registered and the champion alias moved.
     client.delete_run(parent)
-    images, labels = test_set
     with pytest.raises(PromotionError, match="rolled back"):
-        registry.promote(parent, images, labels, gate=Gate(), tracking_uri=mlflow_uri,
+        registry.promote(parent, test_set, gate=GATE, tracking_uri=mlflow_uri,
                          model_name=name)
     assert versions(mlflow_uri, name) == [] and aliases(mlflow_uri, name) == {}
     assert not client.search_registered_models(f"name = '{name}{lock.LOCK_SUFFIX}'")
@@ -289,6 +308,52 @@ def test_a_failure_midway_leaves_no_version_and_no_alias(mlflow_uri, unique_name
 def test_bad_promotion_inputs_are_explained(mlflow_uri, unique_name):
     parent = tracking.start_retraining(mlflow_uri, unique_name("exp"), "local", FINGERPRINT, {"epochs": 1})
     with pytest.raises(PromotionError, match="no finished candidate"):
-        registry.promote(parent, [b"x"], [1], gate=Gate(), model_name="m", tracking_uri=mlflow_uri)
+        registry.promote(parent, TestSet([b"x"], [1], ["p"]), gate=Gate(), model_name="m", tracking_uri=mlflow_uri)
     with pytest.raises(PromotionError, match="non-empty test set"):
-        registry.promote(parent, [], [], gate=Gate(), model_name="m", tracking_uri=mlflow_uri)
+        registry.promote(parent, TestSet([], [], []), gate=Gate(), model_name="m", tracking_uri=mlflow_uri)
+
+
+def test_identical_model_is_never_promoted_and_a_tiny_split_is_undecided(mlflow_uri, unique_name, model, test_set):
+    name, experiment = unique_name("model"), unique_name("exp")
+    first = retraining(mlflow_uri, experiment, model, {"cnn": (MID, 0.9)})
+    assert registry.promote(first, test_set, gate=GATE, model_name=name, tracking_uri=mlflow_uri).promoted
+    same = retraining(mlflow_uri, experiment, model, {"cnn": (MID, 0.95)})  # same weights, same threshold
+    decision = registry.promote(same, test_set, gate=GATE, model_name=name, tracking_uri=mlflow_uri)
+    assert decision.outcome == "challenger" and decision.comparison.diff == 0 == decision.comparison.high
+    # A clearly better model, judged on 6 images: the interval cannot tell, so nothing moves.
+    better = retraining(mlflow_uri, experiment, model, {"cnn": (BEST, 0.97)})
+    tiny = repeated_split(copies=1, per_class=3)
+    decision = registry.promote(better, tiny, gate=GATE, model_name=name, tracking_uri=mlflow_uri)
+    assert decision.outcome == "undecided" and decision.comparison.diff > 0
+    assert "undecided: the test split is too small to tell, difference" in decision.reason
+    assert aliases(mlflow_uri, name) == {"champion": "1", "challenger": decision.version}
+    # Non-inferiority on the same data accepts the newer model unless the interval says it is worse.
+    decision = registry.promote(better, tiny, gate=GATE.model_copy(update={"mode": "non-inferiority", "margin": 0.05}),
+                                model_name=name, tracking_uri=mlflow_uri)
+    assert decision.promoted and "non-inferior" in decision.reason
+
+
+def test_only_this_retrainings_working_candidates_compete(mlflow_uri, unique_name, model, test_set):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    name, experiment = unique_name("model"), unique_name("exp")
+    parent = retraining(mlflow_uri, experiment, model, {"cnn": (MID, 0.9), "dense": (GOOD, 0.8)})
+    trained = {run.data.tags["pneumo.candidate"]: run.info.run_id for run in candidate_runs(parent, tracking_uri=mlflow_uri)}
+    # A run tagged with the parent after training, with a better score, is not one the flow trained.
+    late = log_retraining(mlflow_uri, experiment, model, {"intruder": (threshold_for(BEST), 0.99)})
+    [intruder] = candidate_runs(late, tracking_uri=mlflow_uri)
+    client.set_tag(intruder.info.run_id, "mlflow.parentRunId", parent)
+    client.set_tag(intruder.info.run_id, "pneumo.candidate", "intruder")
+    assert len(candidate_runs(parent, tracking_uri=mlflow_uri)) == 3
+    # The best of the trained ones points at a model it did not log: skipped for the next best.
+    client.set_tag(trained["cnn"], tracking.TAG_SERVING_MODEL, intruder.data.tags[tracking.TAG_SERVING_MODEL])
+    decision = registry.promote(parent, test_set, gate=GATE, model_name=name, run_ids=list(trained.values()),
+                                tracking_uri=mlflow_uri, dry_run=True)
+    assert decision.candidate == "dense" and decision.run_id == trained["dense"]
+    [skipped] = decision.skipped
+    assert skipped.startswith(f"cnn (run {trained['cnn']})") and "not by this candidate" in skipped
+    client.set_tag(trained["cnn"], tracking.TAG_SERVING_MODEL, "models:/m-0000000000000000000000000000dead")
+    decision = registry.promote(parent, test_set, gate=GATE, model_name=name, run_ids=list(trained.values()),
+                                tracking_uri=mlflow_uri)
+    assert decision.candidate == "dense" and decision.promoted and decision.record()["skipped_candidates"]

@@ -21,6 +21,7 @@ from pneumo import registry, serving
 from pneumo.config import DEFAULT_REGISTERED_MODEL, Gate
 from pneumo.errors import PneumoError, ServingError
 from pneumo.packaging import save_serving_model
+from pneumo.pipeline import TestSet
 from tests.plugins.mlflow_server import (
     brightness_model,
     labelled_images,
@@ -161,7 +162,8 @@ def champion(mlflow_server, tmp_path_factory):
     parent = log_retraining(mlflow_server.uri, "serving-tests", brightness_model(SIZE), {"cnn": (threshold_for(128), 1.0)},
                             source="local")
     images, labels = labelled_images(5, 5)
-    decision = registry.promote(parent, images, labels, gate=Gate(), model_name=DEFAULT_REGISTERED_MODEL,
+    test = TestSet(images, labels, [f"patient-{index}" for index in range(len(images))])
+    decision = registry.promote(parent, test, gate=Gate(floors_on="point"), model_name=DEFAULT_REGISTERED_MODEL,
                                 tracking_uri=mlflow_server.uri)
     assert decision.promoted
     return decision
@@ -187,7 +189,9 @@ def scoring_server(mlflow_server, champion, tmp_path_factory):
     log = tmp_path_factory.mktemp("scoring") / "serve.log"
     # The scoring server execs ``uvicorn`` by name: the venv's bin must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": mlflow_server.uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Pickle deserialization off: the served model is packaged from code, so it must load anyway.
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": mlflow_server.uri, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [mlflow_executable(), "models", "serve", "-m", "models:/pneumonia-classifier@champion",
@@ -225,7 +229,58 @@ def test_scoring_server_answers_invocations(scoring_server):
     assert status == 200, body
     assert [row["label"] for row in body["predictions"]] == expected
 
+    # Asked to explain, it adds one PNG heatmap overlay per image (base64); the default stays as it was.
+    status, body = _post(f"{scoring_server}/invocations", {"inputs": {"image": encoded}, "params": {"explain": True}})
+    assert status == 200, body
+    assert [row["label"] for row in body["predictions"]] == expected
+    for row in body["predictions"]:
+        with Image.open(io.BytesIO(base64.b64decode(row["heatmap"]))) as overlay:
+            assert overlay.format == "PNG" and overlay.size == (SIZE, SIZE)
+
     # A bad item is a 400 naming it, not a 500 with a TensorFlow trace.
     status, body = _post(f"{scoring_server}/invocations",
                          {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]], ["bm90IGFuIGltYWdl"]]}})
     assert status == 400 and "item 1: not a JPEG or PNG image" in body["message"]
+
+
+def test_served_probability_is_the_calibrated_one(tmp_path):
+    import keras
+    import mlflow.pyfunc
+
+    from pneumo.calibration import Calibrator
+    from pneumo.models import build_model
+
+    keras.utils.set_random_seed(4)
+    model = build_model("cnn", SIZE)
+    calibrator = Calibrator("temperature", 2.5)
+    path = save_serving_model(tmp_path / "model", model, threshold=0.5, image_size=SIZE, candidate="cnn",
+                              calibration=calibrator.to_config())
+    loaded = mlflow.pyfunc.load_model(str(path))
+    images, _ = labelled_images(3, 3, seed=7)
+    raw = np.asarray(model(serving.preprocess(images, SIZE), training=False), dtype=np.float64).ravel()
+    np.testing.assert_allclose(loaded.predict(images)["probability"], calibrator.apply(raw), rtol=1e-5)
+    assert loaded.model_config["calibration"] == {"method": "temperature", "temperature": 2.5, "bias": 0.0}
+    assert not list(path.rglob("*.pkl"))  # packaged from code: nothing to unpickle
+
+
+def test_champion_carries_its_model_card_and_no_pickle(mlflow_uri, champion, tmp_path, capsys):
+    import mlflow
+
+    from pneumo.cli import main
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    version = client.get_model_version(DEFAULT_REGISTERED_MODEL, champion.version)
+    assert version.description.startswith("# Model card: pneumonia-classifier — cnn")
+    for section in ("## Intended use", "## Data", "## Metrics", "## Calibration", "## Promotion decision", "## Caveats"):
+        assert section in version.description
+    capsys.readouterr()
+    assert main(["champion", "--card", "--tracking-uri", mlflow_uri]) == 0
+    assert capsys.readouterr().out.strip() == version.description.strip()
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{DEFAULT_REGISTERED_MODEL}/{champion.version}",
+                                                     dst_path=str(tmp_path)))
+    assert (local / "MLmodel").is_file() and not list(local.rglob("*.pkl"))
+    # The same model loads in a process that refuses pickle.
+    code = ("import mlflow.pyfunc; m = mlflow.pyfunc.load_model(%r); print(m.model_config['candidate'])" % str(local))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("cnn"), result.stderr[-2000:]

@@ -1,0 +1,97 @@
+"""The model card of a registered version: Markdown written from what the retraining logged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+MAX_DESCRIPTION = 5000  # MLflow stores a version's description in a 5000-character column
+
+
+def _metric(metrics: Mapping[str, float], key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "–"
+    low, high = metrics.get(f"{key}.ci_low"), metrics.get(f"{key}.ci_high")
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
+
+
+def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_metrics: Mapping[str, float],
+               data_report: Mapping[str, Any] | None, source: str, fingerprint: str) -> str:
+    """The card as Markdown (under :data:`MAX_DESCRIPTION` characters, so it fits a version description).
+
+    Args:
+        record: the promotion decision (``Decision.record()``).
+        run_params: the candidate run's params (architecture, sizes, calibration).
+        run_metrics: the candidate run's metrics (``validation.*``, ``test.*`` with intervals).
+        data_report: the retraining's data report (counts per subset and class, patients).
+        source: the dataset source.
+        fingerprint: the dataset fingerprint.
+    """
+    name, test = record["candidate"], record["metrics"]
+    intervals = record.get("intervals") or {}
+    gate = record.get("gate") or {}
+    counts = (data_report or {}).get("subsets", {})
+    lines = [
+        f"# Model card: {record['model_name']} — {name}",
+        "",
+        "## Model details",
+        f"- Architecture: `{name}` (the seed article's {name}); input {run_params.get('image_size', '?')}×"
+        f"{run_params.get('image_size', '?')} RGB, 0..255 (decoded and resized by the served model).",
+        f"- Parameters: {run_params.get('trainable_params', '?')} trainable, {run_params.get('non_trainable_params', '?')}"
+        f" frozen; optimizer {run_params.get('optimizer', '?')} at {run_params.get('learning_rate', '?')}, "
+        f"{run_params.get('epochs_run', run_params.get('epochs', '?'))} epochs.",
+        f"- Output: calibrated probability of pneumonia ({run_params.get('calibration', 'see the model config')}); "
+        f"label PNEUMONIA at probability ≥ {record['threshold']:.4f} (tuned on validation for recall ≥ "
+        f"{run_params.get('recall_target', '?')}).",
+        f"- Trained in candidate run `{record['run_id']}` of retraining `{record['parent_run_id']}`.",
+        "",
+        "## Intended use",
+        "- A screening aid that flags pediatric chest X-rays likely to show pneumonia for a clinician's review.",
+        "- Not a diagnosis and not for use without a clinician. Out of scope: adults, other findings (COVID-19, "
+        "tuberculosis, effusion), CT, and images from sites unlike the training data.",
+        "",
+        "## Data",
+        f"- Source `{source}`, fingerprint `{fingerprint[:16]}`. The Kaggle source data are pediatric "
+        "(1–5 years) anterior-posterior X-rays from one center (Guangzhou).",
+        "- Images per subset: " + "; ".join(
+            f"{subset} " + ", ".join(f"{label} {count}" for label, count in by_class.items())
+            for subset, by_class in counts.items()) + f"; {(data_report or {}).get('patients', '?')} patients. "
+        "Validation is carved from train by patient; test is the official test split.",
+        "",
+        "## Metrics (test split, 95 % intervals by patient)",
+        "| metric | value [95 % CI] |",
+        "|---|---|",
+    ]
+    for metric in ("recall", "specificity", "precision", "accuracy", "f2", "roc_auc", "pr_auc"):
+        if metric in test:
+            bounds = intervals.get(metric)
+            shown = f"{test[metric]:.3f}" + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
+            lines.append(f"| {metric} | {shown} |")
+    lines += [
+        f"| validation selection score | {_metric(run_metrics, 'validation.selection_score')} |",
+        "",
+        "## Calibration",
+        f"- ECE (15 bins) validation {_metric(run_metrics, 'validation.ece')} (raw "
+        f"{_metric(run_metrics, 'validation.ece_uncalibrated')}), test {_metric(run_metrics, 'test.ece')} (raw "
+        f"{_metric(run_metrics, 'test.ece_uncalibrated')}); Brier test {_metric(run_metrics, 'test.brier')}. "
+        "Reliability diagram: the run's `plots/reliability.png`.",
+        "",
+        "## Promotion decision",
+        f"- **{record['outcome']}**: {record['reason']}",
+        f"- Gate: {gate.get('mode', '?')}, margin {gate.get('margin', '?')}, floors recall ≥ "
+        f"{gate.get('min_recall', '?')} and specificity ≥ {gate.get('min_specificity', '?')} on the "
+        f"{gate.get('floors_on', '?')}; {record.get('n_test_images', '?')} test images, "
+        f"{record.get('n_test_patients', '?')} patients.",
+        "",
+        "## Evidence",
+        "- Heatmaps over test examples (true/false positives/negatives): the run's `plots/gradcam.png`; "
+        "the served model returns one per image with `params={\"explain\": true}`.",
+        "",
+        "## Caveats",
+        "- Metrics come from one center's test split; performance elsewhere is unknown until measured there.",
+        "- The generated demo dataset says nothing about real X-rays.",
+        "- The threshold trades specificity for recall: expect false alarms among normal X-rays.",
+    ]
+    card = "\n".join(lines) + "\n"
+    return card if len(card) <= MAX_DESCRIPTION else card[:MAX_DESCRIPTION - 40] + "\n\n(cut; see model_card.md)\n"
