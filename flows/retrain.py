@@ -21,6 +21,7 @@ from pneumo.config import RetrainParams, Settings
 from pneumo.errors import PneumoError
 from pneumo.leaderboard import decision_markdown, leaderboard_records
 from pneumo.mlflow_client import check_tracking_server
+from pneumo.redaction import redact
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.
@@ -137,7 +138,7 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
     tracking.log_leaderboard(parent_run_id, rows, tracking_uri=params.tracking_uri)
     create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
                           "threshold; score = recall-weighted mean on validation")
-    create_markdown_artifact(decision_markdown(decision, len(rows)), key="promotion-decision")
+    create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri), key="promotion-decision")
     return candidates, decision
 
 
@@ -159,7 +160,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
         params.tracking_uri, params.experiment, params.source, ingested["fingerprint"], params,
         data_report=report, manifest=_frame(validated["manifest"]),
     )
-    logger.info("MLflow parent run %s on %s", parent_run_id, params.tracking_uri)
+    logger.info("MLflow parent run %s on %s", parent_run_id, redact(params.tracking_uri))
 
     try:
         candidates, decision = _train_and_promote(params, validated["manifest"], parent_run_id, report)

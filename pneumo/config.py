@@ -126,6 +126,17 @@ class RetrainParams(_Strict):
                 raise ValueError(str(error)) from None
         return value
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        from pneumo.redaction import has_credentials
+
+        if value is not None and has_credentials(value):
+            # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.
+            raise ValueError("tracking_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD "
+                             "or MLFLOW_TRACKING_TOKEN on the worker instead")
+        return value
+
     @model_validator(mode="after")
     def _image_size_fits_every_candidate(self) -> RetrainParams:
         from pneumo.models import model_spec

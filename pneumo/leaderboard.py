@@ -59,33 +59,69 @@ def format_leaderboard(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _run_link(tracking_uri: str, run_id: str | None) -> str:
+def ui_address(tracking_uri: str) -> str | None:
+    """The MLflow UI's base address for an HTTP tracking server (no credentials), else None."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def _run_link(ui: str | None, run_id: str | None) -> str:
     if not run_id:
         return "-"
-    if tracking_uri.startswith("http"):
-        return f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/runs/{run_id})"
-    return run_id
+    return f"[{run_id[:8]}]({ui}/#/runs/{run_id})" if ui else run_id
 
 
 def leaderboard_records(candidates: Sequence[Record], decision: Record | None, tracking_uri: str) -> list[Record]:
-    """The leaderboard as JSON-ready rows (Prefect's table artifact), with the decision and run links."""
+    """The leaderboard as JSON-ready rows (Prefect's table artifact), with the decision and run links.
+
+    Every number is from the test split at the candidate's tuned threshold, except ``validation score``.
+    """
     frame = leaderboard(candidates).round(4)
     if decision is not None:
         frame.loc[frame["model"] == decision["candidate"], "status"] = f"selected ({decision['outcome']})"
     run_ids = {c["name"]: c.get("run_id") for c in candidates}
-    frame["mlflow run"] = [_run_link(tracking_uri, run_ids[name]) for name in frame["model"]]
+    ui = ui_address(tracking_uri)
+    frame["mlflow run"] = [_run_link(ui, run_ids[name]) for name in frame["model"]]
+    frame = frame.rename(columns={column: f"test {column}" for column in COLUMNS[2:-2]} | {
+        "score": "validation score", "threshold": "threshold (tuned on validation)"})
     return frame.astype(object).where(frame.notna(), None).to_dict("records")  # JSON has no NaN
 
 
-def decision_markdown(decision: Record | None, candidates: int) -> str:
-    """Human summary of the promotion decision (Prefect's markdown artifact)."""
+def _value(number: Any) -> str:
+    return f"{number:.4f}" if isinstance(number, float) else str(number)
+
+
+def decision_markdown(decision: Record | None, candidates: int, tracking_uri: str = "") -> str:
+    """Human summary of the promotion decision (Prefect's markdown artifact), numbers rounded to 4 digits."""
     if decision is None:
         return "# Promotion decision\n\nNo candidate succeeded: nothing was registered and no alias moved.\n"
-    lines = ["# Promotion decision", "",
-             f"**{decision.get('outcome', '?')}**: {decision.get('reason', '')}", "",
-             f"- candidate: `{decision.get('candidate')}` → `{decision.get('model_uri', '-')}`"]
-    for key in ("version", "score", "threshold", "champion_score", "previous_champion"):
-        if decision.get(key) is not None:
-            lines.append(f"- {key.replace('_', ' ')}: {decision[key]}")
+    ui = ui_address(tracking_uri)
+    name, version = decision["model_name"], decision.get("version")
+    registered = f"`{name}` version {version}" if version else f"`{name}` (not registered: dry run)"
+    if ui and version:
+        registered = f"[{registered}]({ui}/#/models/{name}/versions/{version})"
+    metrics, intervals = decision.get("metrics") or {}, decision.get("intervals") or {}
+    lines = ["# Promotion decision", "", f"**{decision['outcome']}**: {decision['reason']}", "",
+             f"- candidate: `{decision['candidate']}` → {registered}",
+             f"- candidate run: {_run_link(ui, decision.get('run_id'))}",
+             f"- validation score: {_value(decision.get('validation_score'))}",
+             f"- test split: {decision.get('n_test_images')} images, {decision.get('n_test_patients')} patients; "
+             f"threshold {_value(decision.get('threshold'))}"]
+    for metric in ("recall", "specificity", "roc_auc"):
+        if metric in metrics:
+            bounds = intervals.get(metric)
+            shown = f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
+            lines.append(f"- test {metric}: {metrics[metric]:.4f}{shown}")
+    lines.append(f"- test score: {_value(decision.get('score'))}")
+    if decision.get("champion_version"):
+        lines += [f"- champion version {decision['champion_version']} on the same images: test score "
+                  f"{_value(decision.get('champion_score'))}",
+                  f"- score difference: {_value(decision.get('score_diff'))} [{_value(decision.get('score_diff_ci_low'))}, "
+                  f"{_value(decision.get('score_diff_ci_high'))}] ({decision.get('method')})"]
     lines += ["", f"{candidates} candidates; see the `leaderboard` artifact."]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pneumo.errors import TrackingError
+from pneumo.redaction import redact
 
 
 def mlflow_client(tracking_uri: str | None) -> Any:
@@ -29,8 +30,8 @@ def error_code(error: BaseException) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """``Type: message`` on one line, cut to 300 characters (for user-facing errors)."""
-    text = " ".join(str(error).split())
+    """``Type: message`` on one line, cut to 300 characters, credentials removed (for user-facing errors)."""
+    text = redact(" ".join(str(error).split()))
     return f"{type(error).__name__}: {text[:300]}"
 
 
@@ -49,29 +50,31 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
     if urlparse(uri).scheme.lower() in ("http", "https"):
         _check_http(uri.rstrip("/"), timeout)
         return
+    shown = redact(uri)
     try:
         mlflow_client(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the URI is unusable
-        raise TrackingError(f"MLflow tracking store {uri} is not usable: {one_line(error)}") from None
+        raise TrackingError(f"MLflow tracking store {shown} is not usable: {one_line(error)}") from None
 
 
 def _check_http(uri: str, timeout: float) -> None:
     import requests
 
+    shown = redact(uri)
     try:
         health = requests.get(f"{uri}/health", timeout=timeout)
         search = requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
                               timeout=timeout)
     except requests.Timeout:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable (no answer within {timeout:g} s)") from None
+        raise TrackingError(f"MLflow tracking server {shown} is unreachable (no answer within {timeout:g} s)") from None
     except requests.RequestException as error:
         errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
         why = errno.group(0).strip() if errno else one_line(error)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({why})") from None
+        raise TrackingError(f"MLflow tracking server {shown} is unreachable ({redact(why)})") from None
     if health.status_code != 200 or search.status_code != 200 or "experiments" not in _json(search):
         status = health.status_code if health.status_code != 200 else search.status_code
         raise TrackingError(
-            f"{uri} does not answer like an MLflow tracking server (HTTP {status}); check MLFLOW_TRACKING_URI"
+            f"{shown} does not answer like an MLflow tracking server (HTTP {status}); check MLFLOW_TRACKING_URI"
         )
 
 

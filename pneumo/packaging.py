@@ -81,7 +81,7 @@ def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: st
 
     with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
         keras_file = Path(tmp) / "model.keras"
-        model.save(keras_file)
+        _inference_copy(model).save(keras_file)
         code_file = Path(tmp) / "served_model.py"
         code_file.write_text(_MODEL_CODE)
         config = {"threshold": float(threshold), "image_size": int(image_size), "candidate": candidate,
@@ -91,6 +91,15 @@ def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: st
             "code_paths": [os.path.dirname(pneumo.__file__)], "signature": _signature(),
             "pip_requirements": pip_requirements(), "metadata": {"pneumo": json.dumps(config)},
         }
+
+
+def _inference_copy(model: Any) -> Any:
+    """The network without its optimizer: serving never trains, and loading skips no optimizer state."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str,

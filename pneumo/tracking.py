@@ -13,6 +13,7 @@ from typing import Any
 
 from pneumo.errors import TrackingError
 from pneumo.mlflow_client import check_tracking_server, mlflow_client, one_line
+from pneumo.redaction import redact
 
 # Tag keys; the registry and run queries read them back, so they are part of the contract.
 TAG_KIND = "pneumo.kind"
@@ -24,7 +25,7 @@ TAG_SERVING_MODEL = "pneumo.serving_model_uri"
 TAG_KERAS_MODEL = "pneumo.keras_model_uri"
 TAG_ERROR = "pneumo.error"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests children by it
-SCORE_METRIC = "selection_score"
+SCORE_METRIC = "validation.selection_score"  # what candidates are ranked by
 DATASET_NAME = "chest-xray"
 DIGEST_LENGTH = 36  # MLflow stores dataset digests in a 36-character column
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
@@ -40,7 +41,8 @@ def flatten(config: Any, prefix: str = "") -> dict[str, str]:
         if hasattr(value, "model_dump") or isinstance(value, Mapping):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = (json.dumps(value) if isinstance(value, (list, tuple)) else str(value))[:_MAX_PARAM]
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[f"{prefix}{key}"] = redact(text)[:_MAX_PARAM]
     return flat
 
 
@@ -176,14 +178,14 @@ def start_retraining(
         _log_params(client, run_id, flatten(config))
         _log_dataset(client, run_id, dataset_entity(source, fingerprint, manifest), "retraining")
         # Writing artifacts now proves the artifact store works before hours of training.
-        log_json(client, run_id, "config.json", config.model_dump(mode="json") if hasattr(config, "model_dump")
-                 else dict(config))
+        log_text(client, run_id, "config.json", redact(json.dumps(
+            config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config), indent=2, default=str)))
         if data_report is not None:
             log_json(client, run_id, "data_report.json", data_report)
     except TrackingError:
         raise
     except Exception as error:  # noqa: BLE001 - report any store failure with the URI
-        raise TrackingError(f"cannot start the retraining run on {tracking_uri}: {one_line(error)}") from None
+        raise TrackingError(f"cannot start the retraining run on {redact(tracking_uri)}: {one_line(error)}") from None
     return run_id
 
 
@@ -276,13 +278,15 @@ def log_candidate(
         params["calibration"] = json.dumps(result.calibration)
         params.update({f"class_weight_{label}": f"{float(w):.6g}" for label, w in (class_weight or {}).items()})
         _log_params(client, run_id, params)
-        rows = [(key, value, step) for key, values in result.history.items() for step, value in enumerate(values)]
+        # Split-prefixed names sort together in the UI; Keras' per-epoch curves stay under history/.
+        rows = [(SCORE_METRIC, result.score, 0), ("threshold", result.threshold, 0)]
         rows += [(f"validation.{key}", value, 0) for key, value in result.validation.items()]
         rows += [(f"test.{key}", value, 0) for key, value in result.test.items()]
+        rows += [(f"history/{key}", value, step) for key, values in result.history.items()
+                 for step, value in enumerate(values)]
         rows += [(f"{split}.{metric}.ci_{side}", bound, 0) for split, metrics in result.intervals.items()
                  for metric, bounds in metrics.items() for side, bound in zip(("low", "high"), bounds)]
-        rows += [(SCORE_METRIC, result.score, 0), ("threshold", result.threshold, 0),
-                 ("threshold_reached", float(result.threshold_reached), 0),
+        rows += [("threshold_reached", float(result.threshold_reached), 0),
                  ("train_seconds", result.seconds, 0), ("images_per_second", result.images_per_second, 0)]
         _log_metrics(client, run_id, rows)
         for key, artifact in result.artifacts.items():
@@ -302,6 +306,6 @@ def log_candidate(
         client.set_tag(run_id, TAG_SERVING_MODEL, serving_uri)
     except Exception as error:
         client.set_terminated(run_id, status="FAILED")
-        raise TrackingError(f"logging candidate {result.name} to {client.tracking_uri} failed: "
+        raise TrackingError(f"logging candidate {result.name} to {redact(client.tracking_uri)} failed: "
                             f"{one_line(error)}") from error
     client.set_terminated(run_id, status="FINISHED")

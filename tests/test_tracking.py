@@ -133,11 +133,12 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         assert params["epochs"] == "2" and params["epochs_run"] == "2"
         # Per-epoch metrics carry their epoch as the step.
         for key in ("loss", "val_loss", "auc", "val_auc"):
-            history = client.get_metric_history(run_id, key)
+            history = client.get_metric_history(run_id, f"history/{key}")
             assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
             assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(trained["history"][key])
         data = run.data.metrics
-        assert data["selection_score"] == (0.8 if name == "cnn" else 0.6)
+        assert data["validation.selection_score"] == (0.8 if name == "cnn" else 0.6)
+        assert not {"loss", "recall", "val_recall"} & set(data)  # the curves live under history/ only
         assert data["threshold"] == pytest.approx(metrics["threshold"])
         for prefix in ("validation", "test"):
             assert {f"{prefix}.{key}" for key in ("recall", "specificity", "f2", "roc_auc")} <= set(data)
@@ -150,7 +151,7 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         assert child_input.dataset.digest == FINGERPRINT[:36]
         assert {tag.value for tag in child_input.tags} == {"training"}
         stored = json.loads(Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path))).read_text())
-        assert stored["selection_score"] == data["selection_score"] and stored["history"]["loss"]
+        assert stored["selection_score"] == data["validation.selection_score"] and stored["history"]["loss"]
 
     # Both logged models load back: the Keras flavor (with a signature) and the pyfunc.
     import mlflow
