@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from pneumo.decode import decode_image, header_size, max_image_pixels, pixel_cap_reason
 from pneumo.errors import DataError
 from pneumo.layout import CLASSES
 from pneumo.storage.report import MANIFEST_COLUMNS
@@ -42,30 +43,55 @@ class CheckedImages:
     bad: list[Skipped] = field(default_factory=list)
 
 
-def inspect_image(path: Path) -> tuple[int, int] | str:
-    """Check that a file decodes as an image, cheaply.
+def inspect_image(path: Path, max_pixels: int | None = None) -> tuple[int, int] | str:
+    """Check that a file decodes as an image, cheaply; never raises for a bad file.
 
-    JPEGs are decoded in draft mode (DCT scaling to about 1/8), which still walks every
+    The size the header claims is checked against the pixel cap before Pillow opens the file,
+    so a decompression bomb costs a header read and is reported like any other bad image. JPEGs
+    are then decoded in draft mode (DCT scaling to about 1/8), which still walks every
     compressed block and so still catches truncated files, at a fraction of the cost.
+
+    Args:
+        path: the image file.
+        max_pixels: the pixel cap; None reads :func:`pneumo.decode.max_image_pixels` now.
 
     Returns:
         ``(width, height)`` of a good image, otherwise the reason it is bad.
     """
+    cap = max_image_pixels() if max_pixels is None else max_pixels
     try:
         if path.stat().st_size == 0:
             return "bad-image: empty file"
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.format == "JPEG":
-                image.draft("L", (max(1, width // 8), max(1, height // 8)))
-            elif image.format not in ("PNG",):
-                return f"bad-image: unsupported format {image.format}"
-            image.load()
-        return width, height
+        with path.open("rb") as stream:
+            claimed = header_size(stream)
+        if claimed is not None and (reason := pixel_cap_reason(*claimed, cap)):
+            return f"bad-image: {reason}"
+        return _decode_check(path)
     except UnidentifiedImageError:
         return "bad-image: not a decodable image"
-    except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncation as OSError
-        return f"bad-image: {str(error).splitlines()[0][:120]}"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL reports truncation as OSError; its own bomb limit still applies to a raised cap.
+        return f"bad-image: {_first_line(error)}"
+    except Exception as error:  # noqa: BLE001 - a hostile file must cost one image, not the validation
+        return f"bad-image: {type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message, one line and short enough for a report row."""
+    lines = str(error).splitlines()
+    return lines[0][:120] if lines else type(error).__name__
+
+
+def _decode_check(path: Path) -> tuple[int, int] | str:
+    """Open and decode one JPEG/PNG with Pillow (JPEG in draft mode); the size or the reason it is bad."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "JPEG":
+            image.draft("L", (max(1, width // 8), max(1, height // 8)))
+        elif image.format not in ("PNG",):
+            return f"bad-image: unsupported format {image.format}"
+        image.load()
+    return width, height
 
 
 def validate_images(
@@ -84,11 +110,13 @@ def validate_images(
         progress: called with (done, total).
 
     Returns:
-        The good rows, with ``width`` and ``height`` added, and the bad ones with their reasons.
+        The good rows, with ``width`` and ``height`` added, and the bad ones with their reasons
+        (among them images over the ``PNEUMO_MAX_IMAGE_PIXELS`` cap).
     """
+    cap = max_image_pixels()  # once, so a bad setting fails here rather than once per image
     verdicts: list[tuple[int, int] | str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for done, verdict in enumerate(pool.map(lambda p: inspect_image(Path(root) / p), frame["path"]), 1):
+        for done, verdict in enumerate(pool.map(lambda p: inspect_image(Path(root) / p, cap), frame["path"]), 1):
             verdicts.append(verdict)
             if progress is not None:
                 progress(done, len(frame))
@@ -189,7 +217,9 @@ def make_dataset(
 
     Decoded images are cached as uint8 (a quarter of float32's memory), so only the first epoch
     reads and decodes files. An image that fails to decode here (it passed the manifest's check,
-    so this is rare) is dropped with a warning instead of stopping training.
+    so this is rare) is dropped with a warning instead of stopping training; so is one whose
+    header claims more pixels than ``PNEUMO_MAX_IMAGE_PIXELS`` (read when the pipeline is built),
+    before it is decoded.
 
     Args:
         root: folder the manifest paths are relative to.
@@ -207,17 +237,16 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    from pneumo.decode import decode_image
-
     if len(paths) != len(labels):
         raise DataError(f"{len(paths)} paths but {len(labels)} labels")
     if not paths:
         raise DataError("cannot build a dataset from an empty subset")
     files = [str(Path(root) / path) for path in paths]
+    max_pixels = max_image_pixels()
     dataset = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, dtype=np.float32)))
 
     def load(file: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = decode_image(tf.io.read_file(file), image_size)
+        image = decode_image(tf.io.read_file(file), image_size, max_pixels)
         return tf.cast(image, tf.uint8), label
 
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)

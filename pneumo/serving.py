@@ -14,14 +14,26 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pneumo.decode import (
+    JPEG_MAGIC,
+    PNG_MAGIC,
+    decoded_pixels,
+    env_limit,
+    header_size,
+    max_image_pixels,
+    pixel_cap_reason,
+)
 from pneumo.errors import ServingError
 from pneumo.layout import CLASSES
 
 KERAS_ARTIFACT = "keras_model"
 INPUT_COLUMN = "image"
 CHUNK = 64  # images per model call: bounds memory for large requests
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_BATCH_IMAGES_ENV = "PNEUMO_MAX_BATCH_IMAGES"
+DEFAULT_MAX_BATCH_IMAGES = 256  # images per request; more is refused (HTTP 400) before decoding
+# Pixels decoded in one parallel call: 64 PNGs at the pixel cap would need tens of GB while
+# decoding (uint8 + float32 resize input), so large images are decoded in smaller groups.
+DECODE_PIXEL_BUDGET = 100_000_000
 
 
 class InvalidImageError(ServingError, MlflowException):
@@ -78,7 +90,31 @@ def _items(model_input: Any) -> list[Any]:
     )
 
 
-def _png_from_array(array: np.ndarray, index: int) -> bytes:
+def max_batch_images() -> int:
+    """Most images one request may hold (``PNEUMO_MAX_BATCH_IMAGES``, default 256), read now."""
+    return env_limit(MAX_BATCH_IMAGES_ENV, DEFAULT_MAX_BATCH_IMAGES)
+
+
+def _check_pixel_values(array: np.ndarray, index: int) -> None:
+    """Refuse non-finite values and any range but 0..255, including the 0..1 floats of a rescaled image.
+
+    A float image scaled to 0..1 would otherwise be read as 0..255 and scored as a near-black
+    image, with a confident label and no error. Rule: float arrays must hold 0..255; one whose
+    maximum is ≤ 1 and that is not all zero is refused (pass uint8 to send a truly dark image).
+    """
+    if not np.all(np.isfinite(array)):
+        raise InvalidImageError(f"item {index}: array contains NaN or infinity")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise InvalidImageError(f"item {index}: pixel values must be 0..255, got {low:g}..{high:g}")
+    if array.dtype.kind == "f" and 0 < high <= 1:
+        raise InvalidImageError(
+            f"item {index}: float pixels in 0..{high:g} look like an image scaled to 0..1; pixel arrays "
+            "must be 0..255: multiply by 255 (or send uint8)"
+        )
+
+
+def _png_from_array(array: np.ndarray, index: int, max_pixels: int) -> bytes:
     """Losslessly encode a pixel array so it goes through the very same decode path as files."""
     import tensorflow as tf
 
@@ -91,18 +127,37 @@ def _png_from_array(array: np.ndarray, index: int) -> bytes:
         raise InvalidImageError(f"item {index}: empty image array of shape {array.shape}")
     if array.dtype.kind not in "uif":
         raise InvalidImageError(f"item {index}: array dtype {array.dtype} is not numeric pixels")
+    # Before scanning the values: a huge array should not cost more than its shape.
+    if reason := pixel_cap_reason(array.shape[1], array.shape[0], max_pixels):
+        raise InvalidImageError(f"item {index}: {reason}")
     if array.dtype != np.uint8:
-        if not np.all(np.isfinite(array)):
-            raise InvalidImageError(f"item {index}: array contains NaN or infinity")
-        low, high = float(array.min()), float(array.max())
-        if low < 0 or high > 255:
-            raise InvalidImageError(f"item {index}: pixel values must be 0..255, got {low:g}..{high:g}")
+        _check_pixel_values(array, index)
         array = np.rint(array).astype(np.uint8)
     return bytes(tf.io.encode_png(array).numpy())
 
 
-def _encoded(item: Any, index: int) -> bytes:
-    """One item as encoded JPEG/PNG bytes, or an error naming the item."""
+def _array_from_list(item: list | tuple, index: int) -> np.ndarray:
+    """Nested lists (pixels in JSON) as an array, keeping ints as ints so 0/1 integers stay pixels."""
+    try:
+        array = np.asarray(item)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.dtype.kind not in "uif":
+        raise InvalidImageError(f"item {index}: nested list is not a rectangular pixel array of numbers")
+    return array
+
+
+def _check_header(data: bytes, index: int, max_pixels: int) -> None:
+    """Refuse an image whose header claims too many pixels, before any decoder allocates them."""
+    claimed = header_size(data)
+    if claimed is None:
+        raise InvalidImageError(f"item {index}: cannot decode image (no readable size in its header)")
+    if reason := pixel_cap_reason(*claimed, max_pixels):
+        raise InvalidImageError(f"item {index}: {reason}")
+
+
+def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
+    """One item as encoded JPEG/PNG bytes within the pixel cap, or an error naming the item."""
     if isinstance(item, str):
         # Strings are how binary data travels in JSON (MLflow's REST format): base64.
         try:
@@ -112,20 +167,18 @@ def _encoded(item: Any, index: int) -> bytes:
     elif isinstance(item, (bytearray, memoryview, np.bytes_)):
         item = bytes(item)
     elif isinstance(item, (list, tuple)):  # nested lists from JSON: a pixel array
-        try:
-            item = np.asarray(item, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise InvalidImageError(f"item {index}: nested list is not a rectangular pixel array") from None
+        item = _array_from_list(item, index)
     if isinstance(item, np.ndarray):
-        return _png_from_array(item, index)
+        return _png_from_array(item, index, max_pixels)
     if not isinstance(item, bytes):
         raise InvalidImageError(
             f"item {index}: unsupported type {type(item).__name__} (expected bytes, base64 str or array)"
         )
     if not item:
         raise InvalidImageError(f"item {index}: empty bytes")
-    if not (item.startswith(_JPEG_MAGIC) or item.startswith(_PNG_MAGIC)):
+    if not item.startswith((JPEG_MAGIC, PNG_MAGIC)):
         raise InvalidImageError(f"item {index}: not a JPEG or PNG image (starts with {item[:8]!r})")
+    _check_header(item, index, max_pixels)
     return item
 
 
@@ -135,7 +188,10 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
     Accepted: a DataFrame with one column (or an ``image`` column), a Series, list/tuple, or 1-D
     object array whose items are JPEG/PNG ``bytes``, base64 strings, or pixel arrays (H×W gray,
     H×W×1/3/4, values 0..255, any size); a single bytes/str item; a numeric array holding one
-    image or a batch ``(N, H, W[, C])``.
+    image or a batch ``(N, H, W[, C])``. Refused (see docs/serving.md): more than
+    ``PNEUMO_MAX_BATCH_IMAGES`` items, images whose header claims more than
+    ``PNEUMO_MAX_IMAGE_PIXELS`` pixels, NaN/infinite pixels, values outside 0..255 and float
+    arrays that look scaled to 0..1. Both settings are read on every call.
 
     Raises:
         InvalidImageError: naming the first offending item's index.
@@ -143,11 +199,36 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
     items = _items(model_input)
     if not items:
         raise InvalidImageError("no images in the input")
-    return [_encoded(item, index) for index, item in enumerate(items)]
+    limit = max_batch_images()
+    if len(items) > limit:
+        raise InvalidImageError(f"{len(items)} images in one request exceeds the maximum of {limit} "
+                                f"({MAX_BATCH_IMAGES_ENV}); send smaller batches")
+    max_pixels = max_image_pixels()
+    return [_encoded(item, index, max_pixels) for index, item in enumerate(items)]
+
+
+def _pixel_groups(encoded: Sequence[bytes], image_size: int, budget: int) -> list[list[bytes]]:
+    """Consecutive runs of images whose decoded pixels add up to at most ``budget`` (≥ 1 image each)."""
+    groups: list[list[bytes]] = []
+    current: list[bytes] = []
+    total = 0
+    for data in encoded:
+        pixels = decoded_pixels(data, image_size)
+        if current and total + pixels > budget:
+            groups.append(current)
+            current, total = [], 0
+        current.append(data)
+        total += pixels
+    groups.append(current)  # never empty unless there were no images: then one empty group
+    return groups
 
 
 def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
     """Decode a batch exactly as training does (``decode.decode_image``), as a float32 tensor.
+
+    Images are decoded in parallel in groups of at most :data:`DECODE_PIXEL_BUDGET` decoded
+    pixels, which bounds the memory a request of large images takes; the pixel cap
+    (``PNEUMO_MAX_IMAGE_PIXELS``) is checked again inside the decoder.
 
     Args:
         encoded: JPEG/PNG bytes (already checked by :func:`as_encoded_images`).
@@ -161,17 +242,30 @@ def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
     """
     import tensorflow as tf
 
+    max_pixels = max_image_pixels()
+    decoded, offset = [], 0
+    for group in _pixel_groups(encoded, int(image_size), DECODE_PIXEL_BUDGET):
+        decoded.append(_decode_group(group, int(image_size), max_pixels, offset))
+        offset += len(group)
+    return decoded[0] if len(decoded) == 1 else tf.concat(decoded, axis=0)
+
+
+def _decode_group(group: Sequence[bytes], image_size: int, max_pixels: int, offset: int) -> Any:
+    """:func:`decode_batch` for one group; ``offset`` is the group's first item index (for messages)."""
+    import tensorflow as tf
+
     from pneumo.decode import batch_decoder, decode_image
 
     errors = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError)
     try:
-        return batch_decoder(int(image_size))(tf.constant(list(encoded), dtype=tf.string))
+        return batch_decoder(image_size)(tf.constant(list(group), dtype=tf.string),
+                                         tf.constant(max_pixels, dtype=tf.int64))
     except errors:
         pass
     # The batch failed somewhere: decode one by one to name the culprit.
-    for index, data in enumerate(encoded):
+    for index, data in enumerate(group, offset):
         try:
-            decode_image(data, image_size)
+            decode_image(data, image_size, max_pixels)
         except errors as error:
             raise InvalidImageError(f"item {index}: cannot decode image ({_tf_reason(error)})") from None
     raise InvalidImageError("the batch could not be decoded")  # pragma: no cover - defensive
@@ -201,11 +295,18 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     """Keras model + calibration + tuned threshold + image size, behind MLflow's pyfunc interface."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the Keras file (safe mode: no code in it runs) and read the model config."""
+        """Load the Keras file (safe mode: no code in it runs) and read the model config.
+
+        Raises:
+            ConfigError: ``PNEUMO_MAX_IMAGE_PIXELS`` or ``PNEUMO_MAX_BATCH_IMAGES`` is not a positive integer.
+        """
         import keras
 
         from pneumo.calibration import Calibrator
 
+        # A bad limit setting should stop the server at start-up, not fail every request.
+        max_image_pixels()
+        max_batch_images()
         config = context.model_config or {}
         self.threshold = float(config["threshold"])
         self.image_size = int(config["image_size"])
