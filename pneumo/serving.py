@@ -223,7 +223,7 @@ def _pixel_groups(encoded: Sequence[bytes], image_size: int, budget: int) -> lis
     return groups
 
 
-def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
+def decode_batch(encoded: Sequence[bytes], image_size: int, first_index: int = 0) -> Any:
     """Decode a batch exactly as training does (``decode.decode_image``), as a float32 tensor.
 
     Images are decoded in parallel in groups of at most :data:`DECODE_PIXEL_BUDGET` decoded
@@ -233,6 +233,7 @@ def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
     Args:
         encoded: JPEG/PNG bytes (already checked by :func:`as_encoded_images`).
         image_size: the model's square input side.
+        first_index: the request index of ``encoded[0]`` (a chunk of a larger request), for messages.
 
     Returns:
         ``tf.Tensor`` float32 ``(n, image_size, image_size, 3)`` of 0..255 values.
@@ -243,7 +244,7 @@ def decode_batch(encoded: Sequence[bytes], image_size: int) -> Any:
     import tensorflow as tf
 
     max_pixels = max_image_pixels()
-    decoded, offset = [], 0
+    decoded, offset = [], first_index
     for group in _pixel_groups(encoded, int(image_size), DECODE_PIXEL_BUDGET):
         decoded.append(_decode_group(group, int(image_size), max_pixels, offset))
         offset += len(group)
