@@ -2,7 +2,14 @@
 
 
 class PneumoError(Exception):
-    """Base class: an expected failure whose message tells the user what to fix."""
+    """Base class: an expected failure whose message tells the user what to fix.
+
+    Attributes:
+        transient: True when the same call may succeed later unchanged (an overloaded or briefly
+            unreachable service), so an orchestrator may retry it; False means "fix the input".
+    """
+
+    transient: bool = False
 
 
 class DataError(PneumoError):
@@ -35,3 +42,9 @@ class PromotionError(PneumoError):
 
 class StorageError(PneumoError):
     """A dataset source cannot be read or cached (bad URI, unreachable endpoint, denied, changed)."""
+
+
+class TransientStorageError(StorageError):
+    """The store kept failing in a way that passes (throttling, 5xx, dropped connections) after every retry."""
+
+    transient = True

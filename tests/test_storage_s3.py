@@ -9,14 +9,27 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pneumo.errors import StorageError
-from pneumo.storage import META_DIR, materialize, sync, upload_tree
+import pneumo.storage.ingest
+from pneumo.errors import StorageError, TransientStorageError
+from pneumo.storage import (
+    FOLDER_MARKER,
+    META_DIR,
+    UNICODE_DUPLICATE,
+    materialize,
+    materialized,
+    reading,
+    sync,
+    upload_tree,
+)
 from tests.plugins.s3 import ALL_FAULT_KINDS, S3Server, free_port
 
 pytestmark = pytest.mark.usefixtures("s3_env")
@@ -360,3 +373,257 @@ def test_interrupted_sync_then_rerun_completes(s3_server: S3Server, fault_proxy:
     assert not list((cache / META_DIR / "tmp").iterdir())
     again = sync(f"s3://{bucket}", cache, endpoint_url=s3_server.endpoint_url)
     assert again.report.downloaded == 0 and again.fingerprint == rerun.fingerprint
+
+
+# ----------------------------------------------------------------------------- issue #14
+def _multipart(client: Any, bucket: str, key: str, parts: tuple[bytes, ...], **checksum: str) -> None:
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, **checksum)
+    done = []
+    for number, body in enumerate(parts, start=1):
+        extra = {"ChecksumAlgorithm": checksum["ChecksumAlgorithm"]} if checksum else {}
+        reply = client.upload_part(Bucket=bucket, Key=key, PartNumber=number, UploadId=upload["UploadId"],
+                                   Body=body, **extra)
+        done.append({"PartNumber": number, **{k: v for k, v in reply.items()
+                                               if k == "ETag" or (k.startswith("Checksum") and k != "ChecksumType")}})
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                     MultipartUpload={"Parts": done})
+
+
+@pytest.mark.parametrize("sse", ["aws:kms", "sse-c"])
+def test_encrypted_objects_are_verified_by_checksum_not_etag(s3_server: S3Server, fault_proxy: Any,
+                                                             tmp_path: Path, sse: str) -> None:
+    # Item 5: an SSE-KMS / SSE-C object's 32-hex ETag is no MD5. moto returns the MD5 whatever the
+    # encryption, so the proxy plays an encrypted bucket (headers, non-MD5 ETags); the objects hold
+    # the CRC32 that boto3's default client stores with every upload.
+    bucket = _bucket_with(s3_server, IMAGES)
+    uri, proxy = f"s3://{bucket}", fault_proxy(sse=sse)
+    result = sync(uri, tmp_path / "cache", endpoint_url=proxy.endpoint_url)
+    assert _tree(tmp_path / "cache") == IMAGES
+    md5s = {hashlib.md5(body).hexdigest() for body in IMAGES.values()}
+    assert set(result.frame["md5"]) == md5s and not set(result.frame["etag"]) & md5s
+    assert result.report.size_only == 0  # every body was proven by the stored CRC32
+    # Workers pin the (non-MD5) ETags with If-Match and check the content MD5 column.
+    root = materialize(result.frame, uri, tmp_path / "worker", endpoint_url=proxy.endpoint_url)
+    assert _tree(root) == IMAGES
+
+    corrupted = "chest_xray/train/PNEUMONIA/person1_bacteria_2.jpeg"
+    flips = fault_proxy(sse=sse, faults=("corrupt",), fail_rate=1.0, only=corrupted)
+    with pytest.raises(StorageError, match="does not match the store's checksum") as info:
+        sync(uri, tmp_path / "cache2", endpoint_url=flips.endpoint_url)
+    assert corrupted in str(info.value) and not info.value.transient  # the same bytes every time
+    assert flips.stats()["corrupt"] == 6  # our body attempts, then a clear failure
+    assert not (tmp_path / "cache2" / corrupted).exists()
+
+
+def test_encrypted_objects_without_a_checksum_are_checked_by_size(s3_server: S3Server, fault_proxy: Any,
+                                                                   tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    for relative, body in IMAGES.items():
+        (local / relative).parent.mkdir(parents=True, exist_ok=True)
+        (local / relative).write_bytes(body)
+    bucket = s3_server.make_bucket()
+    upload_tree(local, f"s3://{bucket}", endpoint_url=s3_server.endpoint_url)  # Content-MD5 only, no CRC
+    proxy = fault_proxy(sse="aws:kms")
+    result = sync(f"s3://{bucket}", tmp_path / "cache", endpoint_url=proxy.endpoint_url)
+    assert _tree(tmp_path / "cache") == IMAGES
+    assert result.report.size_only == len(IMAGES) and result.report.to_dict()["size_only"] == len(IMAGES)
+    assert sync(local, None).fingerprint == result.fingerprint
+
+
+def test_multipart_objects_verified_by_full_object_checksum(s3_server: S3Server, fault_proxy: Any,
+                                                            tmp_path: Path) -> None:
+    bucket, client = s3_server.make_bucket(), s3_server.client()
+    full, composite = "chest_xray/train/NORMAL/IM-0600-0001.jpeg", "chest_xray/test/NORMAL/IM-0601-0001.jpeg"
+    parts = (os.urandom(5 * 1024 * 1024), os.urandom(1000))
+    _multipart(client, bucket, full, parts, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+    _multipart(client, bucket, composite, parts, ChecksumAlgorithm="CRC32")  # per-part CRCs only
+    result = sync(f"s3://{bucket}", tmp_path / "cache", endpoint_url=s3_server.endpoint_url)
+    assert _tree(tmp_path / "cache") == {full: b"".join(parts), composite: b"".join(parts)}
+    assert result.report.size_only == 1  # the composite one: "<crc>-2" is no content checksum
+
+    flips = fault_proxy(faults=("corrupt",), fail_rate=1.0, only=full)
+    with pytest.raises(StorageError, match="does not match the store's checksum"):
+        sync(f"s3://{bucket}", tmp_path / "cache2", endpoint_url=flips.endpoint_url)
+    assert not (tmp_path / "cache2" / full).exists()
+
+
+NFC_KEY = unicodedata.normalize("NFC", "chest_xray/train/NORMAL/Zoë-IM-0700-0001.jpeg")
+NFD_KEY = unicodedata.normalize("NFD", NFC_KEY)
+NFD_ONLY_KEY = unicodedata.normalize("NFD", "chest_xray/test/PNEUMONIA/Renée_person70_virus_1.jpeg")
+
+
+def test_unicode_spellings_are_one_image_and_materialize_finds_them(s3_server: S3Server, tmp_path: Path) -> None:
+    # Item 6: macOS-origin uploads hold NFD names; the same name in NFC is the same image.
+    bucket = _bucket_with(s3_server, {**IMAGES, NFC_KEY: b"nfc spelling", NFD_KEY: b"nfd spelling",
+                                      NFD_ONLY_KEY: b"nfd only"})
+    uri = f"s3://{bucket}"
+    result = sync(uri, tmp_path / "cache", endpoint_url=s3_server.endpoint_url)
+    nfd_only_path = unicodedata.normalize("NFC", NFD_ONLY_KEY)
+    expected = {**IMAGES, NFC_KEY: b"nfc spelling", nfd_only_path: b"nfd only"}
+    assert _tree(tmp_path / "cache") == expected
+    assert set(result.frame["path"]) == set(expected)  # NFC paths only
+    assert result.report.skipped_by_reason() == {UNICODE_DUPLICATE: 1} and result.report.refused == 0
+    # A worker's cache: the NFC manifest path is fetched from the NFD key the bucket holds.
+    root = materialize(result.frame, uri, tmp_path / "worker", endpoint_url=s3_server.endpoint_url)
+    assert _tree(root) == expected
+    again = sync(uri, tmp_path / "cache", endpoint_url=s3_server.endpoint_url)
+    assert again.report.downloaded == 0 and again.fingerprint == result.fingerprint
+
+
+def test_folder_markers_are_reported_as_such(s3_server: S3Server, tmp_path: Path) -> None:
+    # Item 7: console-made "folder/" objects are neither images nor attacks.
+    markers = ["data/", "data/chest_xray/", "data/chest_xray/train/", "data/chest_xray/train/NORMAL/"]
+    bucket = _bucket_with(s3_server, {**{f"data/{k}": v for k, v in IMAGES.items()}, **{m: b"" for m in markers}})
+    result = sync(f"s3://{bucket}/data", tmp_path / "cache", endpoint_url=s3_server.endpoint_url)
+    assert result.report.refused == 0
+    assert result.report.skipped_by_reason() == {FOLDER_MARKER: len(markers)}
+    assert _tree(tmp_path / "cache") == IMAGES
+
+
+def test_transient_failures_are_told_apart_from_permanent_ones(s3_server: S3Server, fault_proxy: Any,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Item 10: what botocore's retries could not get through is a TransientStorageError (the flow
+    # retries it); what no retry fixes stays a plain StorageError.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore's own knob: keeps this test to seconds
+    bucket = _bucket_with(s3_server, IMAGES)
+    uri = f"s3://{bucket}"
+
+    overloaded = fault_proxy(faults=("503",), fail_rate=1.0)
+    with pytest.raises(TransientStorageError, match="SlowDown.*still failing after retries") as listing:
+        sync(uri, tmp_path / "c1", endpoint_url=overloaded.endpoint_url)
+    assert listing.value.transient and overloaded.stats()["503"] == 2  # AWS_MAX_ATTEMPTS honoured
+
+    key = "chest_xray/val/NORMAL/IM-0100-0001.jpeg"
+    for kind in ("503", "drop", "truncate"):
+        flaky = fault_proxy(faults=(kind,), fail_rate=1.0, only=key)
+        with pytest.raises(TransientStorageError, match=key):
+            sync(uri, tmp_path / f"c-{kind}", endpoint_url=flaky.endpoint_url)
+
+    with pytest.raises(StorageError, match="NoSuchBucket") as missing:
+        sync("s3://no-such-bucket-pneumo/data", tmp_path / "c2", endpoint_url=s3_server.endpoint_url)
+    assert not missing.value.transient and not isinstance(missing.value, TransientStorageError)
+    with pytest.raises(TransientStorageError, match="cannot reach"):  # refused: a server restarting
+        sync(uri, tmp_path / "c3", endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+
+def _wait_until_blocked_on(lock_file: Path, kind: str, alive: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Return once someone waits for ``flock`` on ``lock_file`` (Linux /proc/locks "->" entries).
+
+    Deterministic: the waiter is seen blocked by the kernel, not guessed from elapsed time.
+    """
+    stat = lock_file.stat()
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            if "->" in line and "FLOCK" in line and kind in line and inode in line:
+                return
+        assert alive(), "the other thread finished instead of waiting for the lock"
+        time.sleep(0.01)
+    raise AssertionError(f"nobody waited for a {kind} lock on {lock_file} within {timeout} s")
+
+
+needs_proc_locks = pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@needs_proc_locks
+def test_a_reader_holds_off_sync_and_a_sync_holds_off_readers(s3_server: S3Server, tmp_path: Path) -> None:
+    # Item 11: `pneumo promote` syncing into the cache a training run is reading.
+    bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
+    uri, lock = f"s3://{bucket}", cache / META_DIR / "lock"
+    sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    key = "chest_xray/train/NORMAL/IM-0001-0001.jpeg"
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"new version")
+
+    with reading(cache):
+        writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url))
+        _wait_until_blocked_on(lock, "WRITE", writer.is_alive)
+        assert (cache / key).read_bytes() == IMAGES[key]  # the reader still sees what it started with
+    writer.join(30)
+    assert "error" not in outcome and outcome["value"].report.downloaded == 1
+    assert (cache / key).read_bytes() == b"new version"
+
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"third version")
+    in_sync, resume, seen = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(done: int, total: int) -> None:  # called inside sync's exclusive lock
+        if not in_sync.is_set():
+            in_sync.set()
+            assert resume.wait(30)
+
+    writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url, progress=pause))
+    assert in_sync.wait(30)
+
+    def read() -> bytes:
+        with reading(cache):
+            seen.set()
+            return (cache / key).read_bytes()
+
+    reader, read_outcome = _in_thread(read)
+    _wait_until_blocked_on(lock, "READ", reader.is_alive)
+    assert not seen.is_set()
+    resume.set()
+    writer.join(30), reader.join(30)
+    assert "error" not in outcome and read_outcome["value"] == b"third version"  # after the sync, whole
+
+
+@needs_proc_locks
+def test_materialized_holds_the_pinned_files_while_they_are_read(s3_server: S3Server, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
+    uri = f"s3://{bucket}"
+    pinned = sync(uri, cache, endpoint_url=s3_server.endpoint_url).frame
+    key = "chest_xray/test/NORMAL/IM-0200-0001.jpeg"
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"changed after the ingest")
+
+    with materialized(pinned, uri, cache, endpoint_url=s3_server.endpoint_url) as root:
+        # A second holder of the warm cache only takes the shared lock: it enters at once, and
+        # needs no server (it would block forever if it queued for the exclusive lock).
+        def second_holder() -> dict[str, bytes]:
+            with materialized(pinned, uri, cache, endpoint_url=f"http://127.0.0.1:{free_port()}") as again:
+                return _tree(again)
+
+        holder, held = _in_thread(second_holder)
+        holder.join(30)
+        assert held.get("value") == IMAGES, held
+        writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url))
+        _wait_until_blocked_on(cache / META_DIR / "lock", "WRITE", writer.is_alive)
+        assert _tree(root) == IMAGES  # exactly the pinned bytes, for as long as the block runs
+        with pytest.raises(StorageError, match="holds it for reading"):  # would wait for itself
+            sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    writer.join(30)
+    assert "error" not in outcome and (cache / key).read_bytes() == b"changed after the ingest"
+    with (pytest.raises(StorageError, match="changed since the dataset was ingested"),
+          materialized(pinned, uri, cache, endpoint_url=s3_server.endpoint_url)):
+        pass
+
+    # A writer slipping in between the download and the shared lock is caught by the re-check.
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=IMAGES[key])
+    repinned = sync(uri, cache, endpoint_url=s3_server.endpoint_url).frame
+    real, calls, worker = pneumo.storage.ingest.materialize, [], tmp_path / "worker"
+
+    def materialize_then_touch(*args: Any, **kwargs: Any) -> Path:
+        root = real(*args, **kwargs)
+        calls.append(root)
+        if len(calls) == 1:
+            os.utime(root / key, ns=(1, 1))  # no longer the file the cache state vouches for
+        return root
+
+    monkeypatch.setattr(pneumo.storage.ingest, "materialize", materialize_then_touch)
+    with materialized(repinned, uri, worker, endpoint_url=s3_server.endpoint_url) as root:
+        assert root == worker and _tree(root) == IMAGES
+    assert len(calls) == 2  # cold cache: fetched; touched by "someone": checked again, fetched again

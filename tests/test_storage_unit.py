@@ -1,22 +1,37 @@
-"""Storage pieces that need no server: source URIs, unsafe keys, fingerprints, redaction, local sources."""
+"""Storage pieces that need no server: source URIs, unsafe keys, key selection, fingerprints, redaction, local sources."""
 
 from __future__ import annotations
 
+import threading
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pneumo.errors import PneumoError, StorageError
+from pneumo.errors import PneumoError, StorageError, TransientStorageError
 from pneumo.storage import (
+    FOLDER_MARKER,
     MANIFEST_COLUMNS,
+    UNICODE_DUPLICATE,
     fingerprint,
     materialize,
     parse_source,
+    reading,
     redact,
     sync,
     unsafe_reason,
 )
+from pneumo.storage.keys import select
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+NFC_NAME = _nfc("chest_xray/train/NORMAL/Zoë-IM-0001-0001.jpeg")
+NFD_NAME = unicodedata.normalize("NFD", NFC_NAME)
+NFD_ONLY = unicodedata.normalize("NFD", "chest_xray/test/PNEUMONIA/Renée_person7_virus_1.jpeg")
 
 
 @pytest.mark.parametrize(
@@ -179,3 +194,89 @@ def test_materialize_rejects_unsafe_manifest_paths(tmp_path: Path) -> None:
     frame = _frame([("../../etc/passwd.jpeg", "0" * 32, 1)])
     with pytest.raises(StorageError, match="unsafe"):
         materialize(frame, "s3://bkt/x", tmp_path / "cache")
+
+
+def test_folder_markers_are_skipped_not_refused() -> None:
+    # Issue #14 item 7: the empty "folder/" objects consoles create are not attacks.
+    listing = [
+        ("data/", 0, ""),  # the prefix's own marker
+        ("data/chest_xray/", 0, ""),
+        ("data/chest_xray/train/NORMAL/", 0, ""),
+        ("data/chest_xray/train/NORMAL/IM-0001-0001.jpeg", 5, "e" * 32),
+        ("data/chest_xray/odd/", 3, "f" * 32),  # not empty: no marker, and no file can hold it
+        ("data/chest_xray/../", 0, ""),  # marker-shaped, attack-shaped
+    ]
+    selection = select(listing, "data/")
+    assert list(selection.images) == ["chest_xray/train/NORMAL/IM-0001-0001.jpeg"]
+    markers = sorted(path for path, reason in selection.skipped if reason == FOLDER_MARKER)
+    assert markers == ["./", "chest_xray/", "chest_xray/train/NORMAL/"]
+    assert selection.refused == 2
+    assert sum(reason.startswith("unsafe-key") for _, reason in selection.skipped) == 2
+
+
+def test_unicode_spellings_are_one_image() -> None:
+    # Issue #14 item 6: NFC and NFD spellings of one name are one image; the NFC one wins.
+    assert NFC_NAME != NFD_NAME
+    listing = [(NFD_NAME, 3, "a" * 32), (NFC_NAME, 4, "b" * 32), (NFD_ONLY, 5, "c" * 32)]
+    for order in (listing, listing[::-1]):  # the winner does not depend on listing order
+        selection = select(order, "")
+        assert sorted(selection.images) == sorted([NFC_NAME, _nfc(NFD_ONLY)])
+        kept = selection.images[NFC_NAME]
+        assert (kept.key, kept.etag, kept.info.path) == (NFC_NAME, "b" * 32, NFC_NAME)
+        only = selection.images[_nfc(NFD_ONLY)]
+        assert only.key == NFD_ONLY and only.info.path == _nfc(NFD_ONLY)  # GET the stored spelling
+        assert selection.skipped == [(ascii(NFD_NAME)[1:-1], UNICODE_DUPLICATE)]
+        assert selection.refused == 0
+
+
+def test_local_unicode_spellings_dedupe_and_match_the_nfc_fingerprint(tmp_path: Path) -> None:
+    mixed, clean = tmp_path / "mixed", tmp_path / "clean"
+    files = {NFC_NAME: b"nfc", NFD_NAME: b"nfd", NFD_ONLY: b"only",
+             "chest_xray/test/NORMAL/IM-0002-0001.jpeg": b"plain"}
+    for name, body in files.items():
+        (mixed / name).parent.mkdir(parents=True, exist_ok=True)
+        (mixed / name).write_bytes(body)
+    if len(list((mixed / "chest_xray/train/NORMAL").iterdir())) != 2:
+        pytest.skip("this file system folds Unicode spellings into one name")
+    result = sync(mixed, None)
+    assert result.report.skipped_by_reason() == {UNICODE_DUPLICATE: 1}
+    assert len(result.frame) == 3
+    paths = set(result.frame["path"])
+    assert NFC_NAME in paths and NFD_ONLY in paths  # the names the files really have: readable
+    assert all((mixed / p).is_file() for p in paths)
+    assert materialize(result.frame, mixed, None) == mixed
+    # The same images under NFC names only (what the S3 cache holds): the same dataset.
+    for name, body in files.items():
+        if name != NFD_NAME:
+            (clean / _nfc(name)).parent.mkdir(parents=True, exist_ok=True)
+            (clean / _nfc(name)).write_bytes(body)
+    assert sync(clean, None).fingerprint == result.fingerprint
+
+
+def test_errors_say_whether_a_retry_can_help() -> None:
+    # Issue #14 item 10: the flow retries PneumoErrors whose ``transient`` is True.
+    assert PneumoError.transient is False and StorageError("x").transient is False
+    error = TransientStorageError("throttled")
+    assert isinstance(error, StorageError) and error.transient is True
+
+
+def test_readers_share_the_cache_lock(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_reader() -> None:
+        with reading(cache):
+            inside.set()
+            leave.wait(10)
+
+    with reading(cache) as root:
+        assert root == cache
+        thread = threading.Thread(target=other_reader)
+        thread.start()
+        assert inside.wait(10)  # a second reader is not held off by the first
+        leave.set()
+        thread.join(10)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.docx").write_bytes(b"precious")
+    with pytest.raises(StorageError, match="not a pneumo cache"), reading(tmp_path / "mine"):
+        pass

@@ -4,7 +4,7 @@ Cache layout: ``CACHE/chest_xray/...`` mirrors the keys (so ``CACHE`` is a datas
 ``CACHE/.pneumo-cache/`` holds the state (ETag, size, MD5, mtime per path), an append-only journal
 of completed downloads, a lock file and the temporary ``*.part`` files. A file is trusted only if
 the state says so *and* its size and mtime still match, so a killed sync never leaves a file a
-later run would trust.
+later run would trust. Writers hold the lock file exclusively, readers (:func:`reading`) shared.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from pneumo.errors import StorageError
 from pneumo.storage.sources import unsafe_reason
 
-try:  # POSIX advisory lock: two syncs into one cache must not interleave.
+try:  # POSIX advisory lock: two syncs into one cache must not interleave, nor a sync and a reader.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
@@ -63,34 +63,36 @@ class _Cache:
         self.tmp = self.meta / "tmp"
         self.entries: dict[str, _Entry] = {}
         self._journal: Any = None
-        self._lock_file: Any = None
         self._mutex = threading.Lock()
         self._checked_dirs: set[str] = set()
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, root: Path | str) -> Iterator[_Cache]:
-        root = Path(root).expanduser()
-        if root.exists() and not root.is_dir():
-            raise StorageError(f"cache {root} exists and is not a folder")
-        if root.is_dir() and not (root / META_DIR).is_dir() and any(root.iterdir()):
-            # We delete files that left the bucket: never do that in a folder we did not create.
-            raise StorageError(f"cache folder {root} is not empty and is not a pneumo cache; use an empty or new folder")
+        """The cache at ``root`` under the exclusive lock: the only way to write into it."""
+        root = _checked_root(root)
+        if _held_for_reading(root):
+            # flock locks belong to open files, not threads: our own shared lock would block us forever.
+            raise StorageError(f"cannot update the cache {root} while this thread holds it for reading; "
+                               "leave the storage.reading() block first")
         cache = cls(root)
         cache.tmp.mkdir(parents=True, exist_ok=True)
-        cache._lock_file = open(cache.meta / "lock", "a+")  # noqa: SIM115 - held for the whole sync
-        try:
-            if fcntl is not None:
-                fcntl.flock(cache._lock_file.fileno(), fcntl.LOCK_EX)
+        with _flocked(cache.meta / "lock", exclusive=True):
             for leftover in cache.tmp.iterdir():  # partial downloads of a killed run: never trusted
                 leftover.unlink(missing_ok=True)
             cache._load()
             cache._journal = open(cache.meta / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            yield cache
-        finally:
-            if cache._journal is not None:
+            try:
+                yield cache
+            finally:
                 cache._journal.close()
-            cache._lock_file.close()  # releases the flock
+
+    @classmethod
+    def snapshot(cls, root: Path) -> _Cache:
+        """The cache's state, read-only; consistent only while a lock keeps writers out."""
+        cache = cls(root)
+        cache._load()
+        return cache
 
     def _load(self) -> None:
         try:
@@ -200,6 +202,66 @@ class _Cache:
 
     def temp_path(self) -> Path:
         return self.tmp / f"{uuid.uuid4().hex}.part"
+
+
+def _checked_root(root: Path | str) -> Path:
+    """``root`` expanded, refused when it is a file or a non-empty folder that is not a pneumo cache."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"cache {root} exists and is not a folder")
+    if root.is_dir() and not (root / META_DIR).is_dir() and any(root.iterdir()):
+        # We delete files that left the bucket: never do that in a folder we did not create.
+        raise StorageError(f"cache folder {root} is not empty and is not a pneumo cache; use an empty or new folder")
+    return root
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on ``lock_path``: exclusive for writers, shared for readers (POSIX only)."""
+    with open(lock_path, "a+") as handle:  # closing the file releases the lock
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+_READERS = threading.local()  # per thread: {cache root: nesting depth} of storage.reading() blocks
+
+
+def _held_for_reading(root: Path) -> bool:
+    return bool(getattr(_READERS, "roots", {}).get(str(root.resolve())))
+
+
+@contextlib.contextmanager
+def reading(cache_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold a cache for reading: no sync or materialize can change its files until the block exits.
+
+    A shared lock: any number of readers (threads or processes on this machine) at once; a
+    writer (:func:`~pneumo.storage.sync`, :func:`~pneumo.storage.materialize`) waits for every
+    reader to leave, and a reader waits for a running writer to finish. It does not check that
+    the files are the ones a manifest pins: :func:`~pneumo.storage.materialized` does that too.
+    Inside the block this thread must not sync or materialize into the same cache (refused).
+
+    Args:
+        cache_dir: the cache folder (created, like a first sync would, when missing).
+
+    Returns:
+        A context manager yielding the cache folder.
+
+    Raises:
+        StorageError: the folder is a file, or a non-empty folder that is not a pneumo cache.
+    """
+    root = _checked_root(cache_dir)
+    (root / META_DIR).mkdir(parents=True, exist_ok=True)
+    key = str(root.resolve())
+    with _flocked(root / META_DIR / "lock", exclusive=False):
+        held: dict[str, int] = _READERS.__dict__.setdefault("roots", {})
+        held[key] = held.get(key, 0) + 1
+        try:
+            yield root
+        finally:
+            held[key] -= 1
+            if not held[key]:
+                del held[key]
 
 
 def _md5_file(path: Path) -> str:

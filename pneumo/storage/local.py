@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -10,8 +11,23 @@ from typing import Any
 from pneumo.errors import StorageError
 from pneumo.layout import SPLITS, Ignored, ImageKey, classify
 from pneumo.storage.cache import META_DIR, _Md5Memo
+from pneumo.storage.keys import (
+    UNICODE_DUPLICATE,
+    Spelling,
+    dedupe_spellings,
+    nfc,
+    printable,
+)
 from pneumo.storage.parallel import ProgressFn, _run_parallel
-from pneumo.storage.report import IngestReport, IngestResult, _build_frame, _pinned_md5, counts_by, _row, fingerprint
+from pneumo.storage.report import (
+    IngestReport,
+    IngestResult,
+    _build_frame,
+    _pinned_md5,
+    _row,
+    counts_by,
+    fingerprint,
+)
 from pneumo.storage.sources import Source, _no_images_message
 
 
@@ -30,19 +46,18 @@ def _local_root(src: Source) -> tuple[Path, Path]:
 def _sync_local(src: Source, cache_dir: Path | None, *, workers: int, progress: ProgressFn | None,
                 started: float) -> IngestResult:
     root, walk_from = _local_root(src)
+    relatives = _walk(root, walk_from)
+    kept, duplicates = dedupe_spellings(Spelling(r, nfc(r), None) for r in relatives)
     images: list[ImageKey] = []
-    skipped: list[tuple[str, str]] = []
-    listed = 0
-    for directory, dirnames, filenames in os.walk(walk_from):
-        dirnames[:] = sorted(d for d in dirnames if not (Path(directory) == root and d == META_DIR))
-        for name in sorted(filenames):
-            listed += 1
-            relative = (Path(directory) / name).relative_to(root).as_posix()
-            verdict = classify(relative)
-            if isinstance(verdict, Ignored):
-                skipped.append((verdict.path, verdict.reason))
-            else:
-                images.append(verdict)
+    skipped: list[tuple[str, str]] = [(printable(d.raw), UNICODE_DUPLICATE) for d in duplicates]
+    listed = len(relatives)
+    for name, spelling in kept.items():
+        verdict = classify(name)
+        if isinstance(verdict, Ignored):
+            skipped.append((verdict.path, verdict.reason))
+        else:
+            # Classified by its NFC name like an S3 key; read by the name the file really has.
+            images.append(dataclasses.replace(verdict, path=spelling.raw))
     skipped.sort()
     if not images:
         raise StorageError(_no_images_message(str(walk_from), listed, skipped))
@@ -62,6 +77,15 @@ def _sync_local(src: Source, cache_dir: Path | None, *, workers: int, progress: 
         seconds=time.perf_counter() - started, counts=counts_by(frame, "split"), skipped=skipped,
     )
     return IngestResult(frame=frame, fingerprint=fp, report=report, root=root, source=src)
+
+
+def _walk(root: Path, walk_from: Path) -> list[str]:
+    """Every file below ``walk_from`` as a POSIX path relative to ``root``, skipping our cache folder."""
+    relatives: list[str] = []
+    for directory, dirnames, filenames in os.walk(walk_from):
+        dirnames[:] = sorted(d for d in dirnames if not (Path(directory) == root and d == META_DIR))
+        relatives.extend((Path(directory) / name).relative_to(root).as_posix() for name in sorted(filenames))
+    return relatives
 
 
 def _verify_local(src: Source, pinned: list[tuple[str, str, int, str | None]], cache_dir: Any,

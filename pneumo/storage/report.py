@@ -1,15 +1,16 @@
 """What an ingest produces: the manifest frame, its content fingerprint, and the sync/upload reports.
 
-Fingerprint: SHA-256 of the sorted ``path, MD5 of content, size`` lines. For S3 the MD5 is the
-object's ETag when that is a plain MD5 (single-part uploads); multipart ETags (``<hex>-<parts>``)
-are not content hashes, so the MD5 is computed while downloading and kept in the cache state. A
-local folder and the same files in a bucket therefore give the same fingerprint either way.
+Fingerprint: SHA-256 of the sorted ``path (NFC), MD5 of content, size`` lines. The MD5 is always
+computed from the bytes (while downloading, kept in the cache state): an ETag is the content MD5
+only for single-part objects in plain text or SSE-S3, never for multipart, SSE-KMS or SSE-C ones.
+A local folder and the same files in a bucket therefore give the same fingerprint either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class IngestReport:
     seconds: float
     counts: dict[str, dict[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Downloads that only their size could verify: the ETag was no MD5 (SSE-KMS, SSE-C, multipart)
+    # and the store returned no full-object checksum that botocore can compute.
+    size_only: int = 0
 
     def skipped_by_reason(self) -> dict[str, int]:
         """How many listed entries were left out, by reason."""
@@ -66,6 +70,7 @@ class IngestReport:
             "skipped": len(self.skipped),
             "skipped_by_reason": self.skipped_by_reason(),
             "bytes_downloaded": self.bytes_downloaded,
+            "size_only": self.size_only,
             "seconds": round(self.seconds, 3),
             "counts": self.counts,
             "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped],
@@ -116,10 +121,13 @@ def fingerprint(frame: pd.DataFrame) -> str:
         frame: a manifest with ``path``, ``bytes`` and ``md5`` (or, failing that, ``etag``).
 
     Returns:
-        64 hex digits; the same files give the same value whatever the source or row order.
+        64 hex digits; the same files give the same value whatever the source, row order or
+        Unicode normalization of the paths.
     """
     digests = frame["md5"] if "md5" in frame.columns else frame["etag"]
-    lines = sorted(f"{p}\t{d}\t{int(b)}\n" for p, d, b in zip(frame["path"], digests, frame["bytes"]))
+    # NFC: a local copy of macOS-origin files keeps NFD names, the S3 cache stores NFC ones.
+    lines = sorted(f"{unicodedata.normalize('NFC', str(p))}\t{d}\t{int(b)}\n"
+                   for p, d, b in zip(frame["path"], digests, frame["bytes"]))
     sha = hashlib.sha256()
     for line in lines:
         sha.update(line.encode("utf-8", "surrogatepass"))

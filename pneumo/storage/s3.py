@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from pneumo.errors import StorageError
+from pneumo.errors import StorageError, TransientStorageError
+from pneumo.storage.report import _PLAIN_MD5
 from pneumo.storage.sources import Source, redact
 
 # Body-read attempts of our own: botocore retries requests, not a body cut off mid-stream.
 _BODY_ATTEMPTS = 6
+# botocore's attempts per request, the first included (1 + 8 retries), unless AWS_MAX_ATTEMPTS
+# (the standard AWS setting, which counts the same way) says otherwise.
+_REQUEST_ATTEMPTS = 9
+# SSE-KMS / DSSE-KMS objects have ETags that are not the MD5 of their content (SSE-S3 ones are).
+_KMS_ENCRYPTIONS = frozenset({"aws:kms", "aws:kms:dsse"})
+# The stored checksums a GetObject may return, by the response field botocore parses them into.
+_CHECKSUM_FIELDS: tuple[str, ...] = ("ChecksumCRC64NVME", "ChecksumCRC32C", "ChecksumCRC32", "ChecksumSHA256",
+                                     "ChecksumSHA1")
 _PERMANENT_REASONS: dict[str, str] = {
     "NoSuchBucket": "the bucket does not exist",
     "NoSuchKey": "the object does not exist",
@@ -85,12 +94,14 @@ def _make_client(endpoint_url: str | None, workers: int) -> Any:
     # Custom endpoints (MinIO, moto) need path-style addressing: bucket.host names do not resolve.
     custom = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     config = Config(
-        retries={"mode": "standard", "max_attempts": 8},
+        retries={"mode": "standard", "total_max_attempts": _request_attempts()},
         max_pool_connections=max(10, workers + 4),
         connect_timeout=5.0,
         read_timeout=60,
         s3={"addressing_style": "path"} if custom else None,
-        # We verify size and MD5 ourselves; CRC trailers cost CPU and some S3 clones lack them.
+        # Uploads carry Content-MD5 (CRC trailers cost CPU and some S3 clones lack them). Downloads
+        # ask for the stored checksum explicitly (ChecksumMode, see transfer.py), which is when
+        # "when_required" validates it: it proves what an SSE-KMS or multipart ETag cannot.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         user_agent_extra="pneumo",
@@ -99,6 +110,14 @@ def _make_client(endpoint_url: str | None, workers: int) -> Any:
         parameter_validation=False,
     )
     return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _request_attempts() -> int:
+    """botocore's attempts per request, the first included: ``AWS_MAX_ATTEMPTS`` when set and valid."""
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "")))
+    except ValueError:
+        return _REQUEST_ATTEMPTS
 
 
 def _connect(source: Source, endpoint_url: str | None, workers: int) -> _S3:
@@ -127,8 +146,11 @@ def _check_reachable(s3: _S3, key: str | None, action: str) -> None:
         socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError as exc:
         detail = exc.strerror or type(exc).__name__
-        raise StorageError(redact(f"{action} {s3.where(key)} failed: cannot reach the endpoint ({detail}); "
-                                  "is the server up and the URL right?")) from None
+        # A host name that does not resolve is most often a typo; a refused or timed-out
+        # connection is most often a server restarting, which a later attempt may find up.
+        error = StorageError if isinstance(exc, socket.gaierror) else TransientStorageError
+        raise error(redact(f"{action} {s3.where(key)} failed: cannot reach the endpoint ({detail}); "
+                           "is the server up and the URL right?")) from None
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -147,7 +169,9 @@ def _is_transient(exc: BaseException) -> bool:
 
     # HTTPClientError covers ResponseStreamingError, ReadTimeoutError, ConnectionClosedError;
     # BotoConnectionError covers EndpointConnectionError and ConnectTimeoutError.
-    if isinstance(exc, _Corrupt | IncompleteReadError | HTTPClientError | BotoConnectionError | Urllib3Error
+    if isinstance(exc, _Corrupt):
+        return exc.transient
+    if isinstance(exc, IncompleteReadError | HTTPClientError | BotoConnectionError | Urllib3Error
                   | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, ClientError):
@@ -158,7 +182,13 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> StorageError:
-    """One line naming the endpoint, bucket and key; never a trace, never a credential."""
+    """One line naming the endpoint, bucket and key; never a trace, never a credential.
+
+    Returns:
+        A :class:`TransientStorageError` when the failure is one that passes (throttling, 5xx,
+        dropped connections: botocore's retries, or ours for bodies, are spent), else a
+        :class:`StorageError`.
+    """
     from botocore.exceptions import (
         ClientError,
         ConnectTimeoutError,
@@ -178,6 +208,8 @@ def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> Stor
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
         known = _PERMANENT_REASONS.get(code)
         message = exc.response.get("Error", {}).get("Message", "")
+        if code == "InvalidRequest" and "encrypt" in message.lower():
+            known = "the object is encrypted with a customer-provided key (SSE-C), which pneumo does not send"
         reason = f"{code} (HTTP {status}): {known or message or 'request failed'}"
         if _is_transient(exc):
             reason += " — still failing after retries"
@@ -187,11 +219,22 @@ def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> Stor
         reason = f"{type(exc).__name__}: {exc}"
         if _is_transient(exc):
             reason += " — still failing after retries"
-    return StorageError(redact(f"{action} {s3.where(key)} failed: {reason}").replace("\n", " "))
+    error = TransientStorageError if _is_transient(exc) else StorageError
+    return error(redact(f"{action} {s3.where(key)} failed: {reason}").replace("\n", " "))
 
 
 class _Corrupt(Exception):
-    """A body that ended early or hashed wrong: transient (a dropped connection), so retried."""
+    """A body that ended early or hashed wrong; retried by :func:`pneumo.storage.transfer._retry`.
+
+    Attributes:
+        transient: whether it still counts as passing once our attempts are spent. A body cut
+            off every time is a flaky network; content that hashes wrong every time is an object
+            that does not match its ETag or checksum, and fetching it again will not change that.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def _body_errors() -> tuple[type[BaseException], ...]:
@@ -200,3 +243,41 @@ def _body_errors() -> tuple[type[BaseException], ...]:
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     return (HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError)
+
+
+def _checksum_errors() -> tuple[type[BaseException], ...]:
+    """What botocore raises at the end of a body whose stored checksum does not match."""
+    from botocore.exceptions import FlexibleChecksumError
+
+    return (FlexibleChecksumError,)
+
+
+def _etag_md5(etag: str, response: dict[str, Any]) -> str | None:
+    """The content MD5 that a GetObject's ETag proves, or None when it proves none.
+
+    S3 documents the ETag as the content MD5 only for single-part objects stored in plain text or
+    with SSE-S3; SSE-KMS, DSSE-KMS and SSE-C objects have 32-hex ETags that are something else,
+    and multipart ETags (``<hex>-<parts>``) are never 32 hex digits.
+    """
+    if not _PLAIN_MD5.match(etag):
+        return None
+    if response.get("ServerSideEncryption") in _KMS_ENCRYPTIONS or response.get("SSECustomerAlgorithm"):
+        return None
+    return etag
+
+
+def _checked_checksum(response: dict[str, Any]) -> str | None:
+    """The stored checksum botocore verifies while the body streams (e.g. ``"CRC32"``), or None.
+
+    botocore wraps the body only for a full-object checksum it can compute: composite multipart
+    checksums (``<b64>-<parts>``) and CRC32C/CRC64NVME without ``awscrt`` go unverified.
+    """
+    from botocore.httpchecksum import StreamingChecksumBody
+
+    if not isinstance(response.get("Body"), StreamingChecksumBody):
+        return None
+    for name in _CHECKSUM_FIELDS:
+        value = response.get(name)
+        if value and "-" not in str(value):
+            return name.removeprefix("Checksum")
+    return "checksum"

@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -146,6 +147,8 @@ class FaultProxy:
         methods: tuple[str, ...] = ("GET", "HEAD"),
         seed: int = 0,
         deny: str = "",
+        only: str = "",
+        sse: str = "",
     ) -> FaultProxy:
         """Start the proxy (``python -m tests.plugins.s3 proxy``) and wait for it to answer.
 
@@ -159,6 +162,14 @@ class FaultProxy:
             methods: HTTP methods that may get faults.
             seed: seeds the fault draws.
             deny: requests whose path contains this text get a permanent 403 AccessDenied.
+            only: when set, faults hit only requests whose path contains this text (e.g. object
+                GETs but not listings).
+            sse: make the store look like a bucket encrypted by default, as S3 does it:
+                "aws:kms" (SSE-KMS) or "sse-c" (customer keys). Every object reply then carries
+                the encryption header and, like real SSE-KMS/SSE-C objects, a 32-hex ETag that is
+                *not* the content MD5 (the MD5's hex digits reversed, in listings too; If-Match
+                and If-None-Match are mapped back before forwarding). moto itself returns the
+                MD5 ETag whatever the encryption.
         """
         process = subprocess.Popen(
             [
@@ -166,6 +177,7 @@ class FaultProxy:
                 "--upstream", upstream, "--fail-rate", str(fail_rate),
                 "--latency-ms", str(latency_ms), "--faults", ",".join(faults),
                 "--methods", ",".join(methods), "--seed", str(seed), "--deny", deny,
+                "--only", only, "--sse", sse,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -206,7 +218,7 @@ class _ProxyServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, upstream: str, fail_rate: float, latency: float, faults: list[str],
-                 methods: set[str], seed: int, deny: str = "") -> None:
+                 methods: set[str], seed: int, deny: str = "", only: str = "", sse: str = "") -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.upstream = (host, int(port or 80))
@@ -215,6 +227,8 @@ class _ProxyServer(ThreadingHTTPServer):
         self.faults = faults
         self.methods = methods
         self.deny = deny
+        self.only = only
+        self.sse = sse
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
@@ -225,7 +239,9 @@ class _ProxyServer(ThreadingHTTPServer):
             if self.deny and self.deny in path:
                 self.counts["denied"] += 1
                 return "deny"
-            if method not in self.methods or not self.faults or self.rng.random() >= self.fail_rate:
+            if method not in self.methods or not self.faults or (self.only and self.only not in path):
+                return None
+            if self.rng.random() >= self.fail_rate:
                 return None
             fault = self.rng.choice(self.faults)
             if fault in ("truncate", "corrupt") and method != "GET":
@@ -262,6 +278,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if self.server.sse:
+            headers = {k: _reverse_etags(v) if k.lower() in ("if-match", "if-none-match") else v
+                       for k, v in headers.items()}
         if body or self.command in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
         for attempt in range(2):  # the kept-alive upstream connection may have been closed
@@ -321,6 +340,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if fault == "500":
             return self._send_error_xml(500, "InternalError")
         status, headers, data = self._forward(body)
+        if self.server.sse:
+            headers, data = _encrypted_view(self.server.sse, self.path, headers, data)
         self.send_response_only(status)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -342,6 +363,35 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
 
+_ETAG_HEX = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f-])")  # plain MD5 ETags, not multipart ones
+_LIST_ETAG = re.compile(r"(<ETag>(?:&quot;|&#34;|\")?)([0-9a-f]{32})((?:&quot;|&#34;|\")?</ETag>)")
+_SSE_HEADERS: dict[str, list[tuple[str, str]]] = {
+    "aws:kms": [("x-amz-server-side-encryption", "aws:kms"),
+                ("x-amz-server-side-encryption-aws-kms-key-id", "arn:aws:kms:us-east-1:000000000000:key/test")],
+    "sse-c": [("x-amz-server-side-encryption-customer-algorithm", "AES256"),
+              ("x-amz-server-side-encryption-customer-key-MD5", "dGVzdC1rZXktbWQ1LXZhbHVlLi4=")],
+}
+
+
+def _reverse_etags(value: str) -> str:
+    """Each plain MD5 ETag in a header reversed: store -> fake on replies, fake -> store on requests."""
+    return _ETAG_HEX.sub(lambda m: m.group(0)[::-1], value)
+
+
+def _encrypted_view(sse: str, path: str, headers: list[tuple[str, str]],
+                    data: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """A reply as an SSE-KMS / SSE-C bucket would send it: encryption headers, ETags that are no MD5."""
+    out = [(k, _reverse_etags(v) if k.lower() == "etag" else v) for k, v in headers
+           if not k.lower().startswith("x-amz-server-side-encryption")]
+    is_object = "/" in path.split("?", 1)[0].strip("/")  # /bucket/key, not a bucket-level listing
+    if is_object:
+        out += _SSE_HEADERS[sse]
+    elif b"<ETag>" in data:
+        data = _LIST_ETAG.sub(lambda m: m.group(1) + m.group(2)[::-1] + m.group(3),
+                              data.decode("utf-8")).encode("utf-8")
+    return out, data
+
+
 def _proxy_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="s3.py proxy")
     parser.add_argument("--upstream", required=True)
@@ -351,10 +401,13 @@ def _proxy_main(argv: list[str]) -> None:
     parser.add_argument("--methods", default="GET,HEAD")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deny", default="")
+    parser.add_argument("--only", default="")
+    parser.add_argument("--sse", default="", choices=["", *_SSE_HEADERS])
     args = parser.parse_args(argv)
     server = _ProxyServer(
         args.upstream, args.fail_rate, args.latency_ms / 1000.0,
         [f for f in args.faults.split(",") if f], set(args.methods.split(",")), args.seed, args.deny,
+        args.only, args.sse,
     )
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
