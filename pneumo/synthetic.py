@@ -34,6 +34,15 @@ SIZE_RANGE: dict[str, tuple[int, int]] = {"small": (48, 96), "real": (900, 2000)
 ASPECT_RANGE = (0.7, 0.9)  # height / width
 IMAGES_PER_PATIENT = (1, 2, 3, 4)
 IMAGES_PER_PATIENT_P = (0.35, 0.3, 0.2, 0.15)
+# Pneumonia severity per patient: most films show clear opacities, a few are barely visible.
+STRENGTH = (0.55, 1.0)
+FAINT_STRENGTH = (0.15, 0.4)
+FAINT_FRACTION = 0.06
+BACTERIA_GAIN = 1.2
+VIRUS_GAIN = 1.1
+BLOB_SIGMA = (0.14, 0.26)
+AUTO_WINDOW = True
+MEAN_GREY = 0.42
 # A real .DS_Store starts with this header; content never matters to us, only that it is skipped.
 DS_STORE_BYTES = b"\x00\x00\x00\x01Bud1" + bytes(2038)
 DS_STORE_DIRS = ("", "train", "train/NORMAL", "test/PNEUMONIA")
@@ -74,6 +83,7 @@ class SynthReport:
     patients: int
     ds_store_files: int
     seconds: float
+    test_scale: float | None = None  # None: the test split follows ``scale``
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings).
@@ -86,6 +96,7 @@ class SynthReport:
             "root": str(self.root),
             "seed": self.seed,
             "scale": self.scale,
+            "test_scale": self.test_scale,
             "image_kind": self.image_kind,
             "counts": {split: dict(by_class) for split, by_class in self.counts.items()},
             "images": self.images,
@@ -111,34 +122,38 @@ class _Spec:
     height: int
 
 
-def _check_scale(scale: float) -> float:
+def _check_scale(scale: float, name: str = "scale") -> float:
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise SynthScaleError(f"scale must be a number in (0, 1], got {scale!r}") from None
+        raise SynthScaleError(f"{name} must be a number in (0, 1], got {scale!r}") from None
     if not np.isfinite(value) or value <= 0 or value > 1:
-        raise SynthScaleError(f"scale must be in (0, 1] (1.0 = the full 5,856-image dataset), got {scale!r}")
+        raise SynthScaleError(f"{name} must be in (0, 1] (1.0 = the full 5,856-image dataset), got {scale!r}")
     return value
 
 
-def split_counts(scale: float) -> dict[str, dict[str, int]]:
+def split_counts(scale: float, test_scale: float | None = None) -> dict[str, dict[str, int]]:
     """Images per split and class for a scale (1.0 = the real Kaggle counts).
 
     Args:
         scale: Fraction of the real dataset, in (0, 1].
+        test_scale: Fraction of the real test split (234 + 390) in (0, 1]; ``None`` follows
+            ``scale``. A larger test split measures candidates more tightly without making
+            training any longer; the test split keeps the Kaggle class ratio either way.
 
     Returns:
         ``{split: {class: count}}`` for train, val and test.
 
     Raises:
-        SynthScaleError: ``scale`` is not in (0, 1] (also a ``ValueError``).
+        SynthScaleError: ``scale`` or ``test_scale`` is not in (0, 1] (also a ``ValueError``).
     """
     scale = _check_scale(scale)
+    scales = {"train": scale, "val": scale, "test": scale if test_scale is None else _check_scale(test_scale, "test_scale")}
     counts: dict[str, dict[str, int]] = {}
     for split, by_class in REAL_COUNTS.items():
         counts[split] = {}
         for cls, real in by_class.items():
-            scaled = int(real * scale + 0.5)  # half-up, not Python's banker's rounding
+            scaled = int(real * scales[split] + 0.5)  # half-up, not Python's banker's rounding
             if split == "val":
                 counts[split][cls] = min(real, max(MIN_VAL_PER_CLASS, scaled))
             else:
@@ -146,10 +161,10 @@ def split_counts(scale: float) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _plan(seed: int, scale: float, image_kind: str) -> list[_Spec]:
+def _plan(seed: int, scale: float, image_kind: str, test_scale: float | None = None) -> list[_Spec]:
     """Decide every file name, patient, type, mode and size up front (so the report needs no decoding)."""
     rng = np.random.default_rng([seed, _PLAN])
-    counts = split_counts(scale)
+    counts = split_counts(scale, test_scale)
     lo, hi = SIZE_RANGE[image_kind]
     rows: list[tuple[str, int, str, int]] = []
     person = 0  # personN counter, shared by all splits so ids never repeat across splits
@@ -262,28 +277,29 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
     clav = np.exp(-(((y + 0.78 + 0.12 * ax - 0.15 * ax**2) / 0.035) ** 2)) * np.clip(1 - ax / 0.8, 0, 1)
     img += 0.12 * clav * body
 
-    # Pneumonia: opacities inside the lungs, strength per patient with a faint tail.
+    # Pneumonia: opacities inside the lungs. Severity and where the disease sits belong to the
+    # patient (follow-up films show the same lesion); each film adds its own jitter and texture.
     if spec.label == 1:
-        strength = pr.uniform(0.0, 0.3) if pr.random() < 0.15 else pr.uniform(0.4, 1.0)
-        strength = float(np.clip(strength * ir.uniform(0.8, 1.2), 0.0, 1.2))
+        low, high = FAINT_STRENGTH if pr.random() < FAINT_FRACTION else STRENGTH
+        strength = float(np.clip(pr.uniform(low, high) * ir.uniform(0.85, 1.15), 0.0, 1.2))
         if spec.subtype == "bacteria":
             # Lobar consolidation: one or two dense blobs, usually in a lower or middle zone.
             opacity = np.zeros_like(img)
-            for _ in range(int(ir.integers(1, 3))):
-                side = -1.0 if ir.random() < 0.5 else 1.0
-                bx = side * 0.42 * body_scale + ir.normal(0, 0.06)
-                by = ir.uniform(-0.25, 0.3)
-                sigma = ir.uniform(0.1, 0.2)
+            for _ in range(int(pr.integers(1, 3))):
+                side = -1.0 if pr.random() < 0.5 else 1.0
+                bx = side * 0.42 * body_scale + pr.normal(0, 0.06) + ir.normal(0, 0.02)
+                by = pr.uniform(-0.25, 0.3) + ir.normal(0, 0.03)
+                sigma = pr.uniform(*BLOB_SIGMA) * ir.uniform(0.9, 1.1)
                 blob = np.exp(-(((x - bx) ** 2 + ((y - by) / 1.3) ** 2) / (2 * sigma**2)))
                 opacity = np.maximum(opacity, blob)
             texture = 0.6 + 0.8 * _smooth_noise(ir, 10, img.shape)
-            raw = 1.2 * strength * opacity * texture * lungs
+            raw = BACTERIA_GAIN * strength * opacity * texture * lungs
         else:
-            # Viral: diffuse, bilateral, faint interstitial patches, denser near the hila.
-            patches = np.clip(_smooth_noise(ir, 7, img.shape) - 0.35, 0, None)
+            # Viral: bilateral patchy interstitial opacities, denser near the hila.
+            patches = np.clip((_smooth_noise(pr, 7, img.shape) - 0.3) / 0.7, 0, None)
             reticular = _smooth_noise(ir, 22, img.shape)
             hilar = np.exp(-((np.abs(x) - 0.2) ** 2) / 0.08)
-            raw = strength * (1.3 * patches + 0.2 * reticular) * (0.5 + 0.5 * hilar) * lungs
+            raw = VIRUS_GAIN * strength * (patches + 0.15 * reticular) * (0.55 + 0.45 * hilar) * lungs
         # Soft saturation: dense consolidation fills the air space up to soft-tissue level, not bone-white.
         cap = 1.6 * lung_dark
         img += cap * (1.0 - np.exp(-raw / cap))
@@ -298,9 +314,13 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
         else:
             img += ir.uniform(0.04, 0.09) * np.clip((y - 0.1) / 0.4, 0, 1) * lungs
 
-    # Exposure: gain, offset, gamma; then quantum noise at base resolution.
+    # Exposure: gain, offset, gamma; then the detector's automatic windowing, which brings every
+    # film to a similar mean grey (so overall brightness says little about the lungs); then
+    # quantum noise at base resolution.
     img = np.clip(img * ir.uniform(0.85, 1.15) + ir.normal(0, 0.04), 0.0, 1.0)
     img = img ** ir.uniform(0.8, 1.25)
+    if AUTO_WINDOW:
+        img += ir.normal(MEAN_GREY, 0.03) - float(img.mean())
     img += ir.normal(0, ir.uniform(0.01, 0.035), size=img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
@@ -333,6 +353,8 @@ def generate_dataset(
     scale: float = 0.05,
     image_kind: ImageKind = "small",
     progress: Callable[[int, int], None] | None = None,
+    *,
+    test_scale: float | None = None,
 ) -> SynthReport:
     """Write a generated chest X-ray dataset in the Kaggle layout under ``out/chest_xray/``.
 
@@ -345,17 +367,21 @@ def generate_dataset(
         scale: Fraction of the real counts in (0, 1]; 1.0 writes 5,856 images.
         image_kind: ``"small"`` (48-96 px wide, for tests) or ``"real"`` (900-2000 px wide).
         progress: Called as ``progress(done, total)`` after each image.
+        test_scale: Fraction of the real test split in (0, 1]; ``None`` follows ``scale``. Lets a
+            small, fast-to-train dataset still have a test split large enough to rank models.
 
     Returns:
         A :class:`SynthReport` with counts, RGB images, patients and the time taken.
 
     Raises:
-        SynthScaleError: ``scale`` not in (0, 1] (a ``ValueError``).
+        SynthScaleError: ``scale`` or ``test_scale`` not in (0, 1] (a ``ValueError``).
         SynthKindError: unknown ``image_kind`` (a ``ValueError``).
         SynthOutputExists: ``out/chest_xray`` already exists.
     """
     started = time.perf_counter()
     scale = _check_scale(scale)
+    if test_scale is not None:
+        test_scale = _check_scale(test_scale, "test_scale")
     if image_kind not in SIZE_RANGE:
         raise SynthKindError(f"image kind must be one of {', '.join(SIZE_RANGE)}, got {image_kind!r}")
     seed = int(seed)
@@ -365,7 +391,7 @@ def generate_dataset(
     root = out / "chest_xray"
     if root.exists():
         raise SynthOutputExists(f"{root} already exists; remove it or choose another output folder")
-    specs = _plan(seed, scale, image_kind)
+    specs = _plan(seed, scale, image_kind, test_scale)
     tile = np.random.default_rng([seed, _TILE]).integers(-4, 5, size=_NOISE_TILE, dtype=np.int8).astype(np.int16)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -405,4 +431,5 @@ def generate_dataset(
         patients=len({spec.patient for spec in specs}),
         ds_store_files=len(DS_STORE_DIRS),
         seconds=time.perf_counter() - started,
+        test_scale=test_scale,
     )

@@ -61,6 +61,20 @@ def test_split_counts_follow_the_real_dataset() -> None:
     assert smallest["val"] == {"NORMAL": 2, "PNEUMONIA": 2}
 
 
+def test_test_scale_sizes_the_test_split_alone() -> None:
+    # The demo's shape: a small train split (fast to train) and a test split that ranks models.
+    demo = split_counts(0.08, test_scale=0.4)
+    assert demo == {
+        "train": {"NORMAL": 107, "PNEUMONIA": 310},  # 107.28, 310.0
+        "val": {"NORMAL": 2, "PNEUMONIA": 2},
+        "test": {"NORMAL": 94, "PNEUMONIA": 156},  # 93.6, 156.0: Kaggle's 234:390 kept
+    }
+    assert split_counts(0.08, test_scale=None) == split_counts(0.08)
+    assert split_counts(0.08, test_scale=0.08) == split_counts(0.08)
+    assert split_counts(0.01, test_scale=1.0)["test"] == REAL_COUNTS["test"]
+    assert split_counts(0.5, test_scale=1e-6)["test"] == {"NORMAL": 4, "PNEUMONIA": 4}
+
+
 def test_files_on_disk_match_the_planned_counts(tiny: tuple[Path, SynthReport]) -> None:
     out, report = tiny
     expected = {
@@ -175,26 +189,66 @@ def test_bad_kind_and_existing_output_are_rejected(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest_xray"]
 
 
+def test_generate_with_test_scale_writes_a_bigger_test_split(tmp_path: Path) -> None:
+    plain = generate_dataset(tmp_path / "plain", seed=5, scale=0.001)
+    bigger = generate_dataset(tmp_path / "bigger", seed=5, scale=0.001, test_scale=0.05)
+    expected_test = {"NORMAL": 12, "PNEUMONIA": 20}
+    assert bigger.counts["test"] == expected_test and bigger.test_scale == 0.05
+    assert bigger.counts["train"] == plain.counts["train"] == {"NORMAL": 4, "PNEUMONIA": 4}
+    assert plain.test_scale is None and bigger.to_dict()["test_scale"] == 0.05
+    on_disk = {c: len(list((tmp_path / "bigger/chest_xray/test" / c).glob("*.jpeg"))) for c in CLASSES}
+    assert on_disk == expected_test
+    # Train and val are planned first, so a bigger test split leaves their file names alone.
+    def names(root: Path, split: str) -> list[str]:
+        return sorted(p.name for p in (root / "chest_xray" / split).rglob("*.jpeg"))
+    for split in ("train", "val"):
+        assert names(tmp_path / "plain", split) == names(tmp_path / "bigger", split)
+
+
+@pytest.mark.parametrize("test_scale", [0, -1, 1.01, float("nan"), "abc"])
+def test_bad_test_scale_is_rejected_before_writing(tmp_path: Path, test_scale: object) -> None:
+    with pytest.raises(ValueError, match="test_scale must be"):
+        generate_dataset(tmp_path / "out", scale=0.01, test_scale=test_scale)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="test_scale must be"):
+        split_counts(0.01, test_scale=test_scale)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
 def test_progress_reports_every_image(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     report = generate_dataset(tmp_path, seed=0, scale=0.001, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(i, report.images) for i in range(1, report.images + 1)]
 
 
-def test_signal_is_learnable_but_not_trivial(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The demo's train scale at 24x24 grey: pixels in [0, 1], labels and patient ids."""
+    out = tmp_path_factory.mktemp("signal")
+    generate_dataset(out, seed=11, scale=0.08)
+    pixels, labels, patients = [], [], []
+    for path, key in _images(out):
+        with Image.open(path) as image:
+            small = image.convert("L").resize((24, 24), Image.BILINEAR)
+        pixels.append(np.asarray(small, dtype=np.float32) / 255.0)
+        labels.append(key.label)
+        patients.append(key.patient_id)
+    return np.array(pixels), np.array(labels), patients
+
+
+def _lung_zone() -> np.ndarray:
+    """Boolean 24x24 mask over both lung fields (image coordinates in [-1, 1])."""
+    grid = np.linspace(-1.0, 1.0, 24)
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")
+    return (np.abs(xs) > 0.2) & (np.abs(xs) < 0.7) & (ys > -0.55) & (ys < 0.45)
+
+
+def test_signal_is_learnable_but_not_trivial(demo_sized: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
     """A linear model on 24x24 pixels separates the classes on held-out patients, imperfectly."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    generate_dataset(tmp_path, seed=11, scale=0.08)
-    pixels, labels, patients = [], [], []
-    for path, key in _images(tmp_path):
-        with Image.open(path) as image:
-            small = image.convert("L").resize((24, 24), Image.BILINEAR)
-        pixels.append(np.asarray(small, dtype=np.float32).ravel() / 255.0)
-        labels.append(key.label)
-        patients.append(key.patient_id)
-    x, y = np.array(pixels), np.array(labels)
+    images, y, patients = demo_sized
+    x = images.reshape(len(images), -1)
     # Hold out whole patients: a patient's images share anatomy, so an image split would leak.
     unique = sorted(set(patients))
     held = set(np.random.default_rng(0).choice(unique, size=len(unique) // 3, replace=False))
@@ -202,8 +256,40 @@ def test_signal_is_learnable_but_not_trivial(tmp_path: Path) -> None:
     assert 0 < y[test].sum() < test.sum()
     model = LogisticRegression(C=0.1, max_iter=3000).fit(x[~test], y[~test])
     auc = roc_auc_score(y[test], model.predict_proba(x[test])[:, 1])
-    assert auc > 0.7, f"held-out AUC {auc:.3f}: the pneumonia signal is not learnable"
-    assert auc < 0.99, f"held-out AUC {auc:.3f}: the task is trivial for a linear model"
-    # The raw brightness of the image alone must not give the label away.
-    brightness_auc = roc_auc_score(y, x.mean(axis=1))
-    assert 0.3 < brightness_auc < 0.75, f"mean brightness alone gives AUC {brightness_auc:.3f}"
+    assert auc > 0.9, f"held-out AUC {auc:.3f}: the pneumonia signal is too weak for the demo's models"
+    assert auc < 0.995, f"held-out AUC {auc:.3f}: the task is trivial for a linear model"
+
+
+def test_signal_is_local_not_global_brightness_or_one_pixel(
+    demo_sized: tuple[np.ndarray, np.ndarray, list[str]],
+) -> None:
+    """Opacities brighten the lung fields relative to the film; no global or single-pixel shortcut."""
+    from sklearn.metrics import roc_auc_score
+
+    images, y, _ = demo_sized
+    brightness = images.mean(axis=(1, 2))
+    brightness_auc = roc_auc_score(y, brightness)
+    assert 0.35 < brightness_auc < 0.65, f"mean brightness alone gives AUC {brightness_auc:.3f}"
+    means = [brightness[y == label].mean() for label in (0, 1)]
+    assert abs(means[1] - means[0]) < 0.02, f"class mean grey levels {means} differ too much"
+    # A simple local statistic (lung fields against the whole film) separates the classes ...
+    lung_auc = roc_auc_score(y, images[:, _lung_zone()].mean(axis=1) - brightness)
+    assert lung_auc > 0.75, f"lung-field brightness gives AUC {lung_auc:.3f}"
+    # ... while no single pixel comes close to giving the label away.
+    flat = images.reshape(len(images), -1)
+    pixel_aucs = np.array([roc_auc_score(y, flat[:, j]) for j in range(flat.shape[1])])
+    best_pixel = float(np.max(np.maximum(pixel_aucs, 1.0 - pixel_aucs)))
+    assert best_pixel < 0.88, f"one pixel alone gives AUC {best_pixel:.3f}"
+
+
+def test_a_patients_films_share_their_disease(demo_sized: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+    """Severity and lesion sites belong to the patient: films of one patient look alike."""
+    images, y, patients = demo_sized
+    zone = _lung_zone()
+    stat = images[:, zone].mean(axis=1) - images.mean(axis=(1, 2))
+    sick = np.flatnonzero(y == 1)
+    by_patient: dict[str, list[float]] = defaultdict(list)
+    for i in sick:
+        by_patient[patients[i]].append(float(stat[i]))
+    within = np.mean([np.var(v) for v in by_patient.values() if len(v) >= 2])
+    assert within < 0.5 * np.var(stat[sick]), "a patient's films vary as much as different patients'"
