@@ -22,6 +22,7 @@ from pneumo.errors import PneumoError
 from pneumo.leaderboard import decision_markdown, leaderboard_records
 from pneumo.mlflow_client import check_tracking_server
 from pneumo.redaction import redact
+from pneumo.storage import cache_dir
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.
@@ -29,11 +30,12 @@ Record = dict[str, Any]
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only unexpected errors (dropped connections, 5xx); PneumoError means "fix the input"."""
+    """Retry transient failures (a store answering 5xx, dropped connections); other PneumoErrors mean
+    "fix the input", so retrying them would only repeat the failure."""
     try:
         state.result()
-    except PneumoError:
-        return False
+    except PneumoError as error:
+        return bool(getattr(error, "transient", False))
     except Exception:  # noqa: BLE001 - anything else is presumed transient
         return True
     return False
@@ -60,8 +62,8 @@ def ingest(source: str) -> Record:
 def validate_data(root: str, manifest: list[Record], params: RetrainParams) -> Record:
     """Decode-check images, carve the patient-grouped validation split, fail early on short classes."""
     started = time.perf_counter()
-    prepared = pipeline.prepare_data(root, _frame(manifest), params.train,
-                                     min_per_class=params.min_images_per_class, log=get_run_logger().warning)
+    prepared = pipeline.prepare_data(root, _frame(manifest), params.train, min_per_class=params.min_images_per_class,
+                                     log=get_run_logger().warning, cache=cache_dir(Settings().home, params.source))
     subsets = " ".join(f"{subset}={sum(counts.values())}" for subset, counts in prepared.report["subsets"].items())
     get_run_logger().info("data: images=%d patients=%d %s", prepared.report["images"],
                           prepared.report["patients"], subsets)

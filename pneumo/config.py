@@ -18,9 +18,12 @@ REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 
 
 class _Strict(BaseModel):
-    """Unknown keys fail (a typo in ``--param`` must not be ignored); NaN and infinity never pass."""
+    """Unknown keys fail (a typo in ``--param`` must not be ignored); NaN and infinity never pass.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    Errors do not echo the input: a refused value may be a secret (a credentialed URI).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class TrainConfig(_Strict):

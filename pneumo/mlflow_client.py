@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 from urllib.parse import urlparse
 
 from pneumo.errors import TrackingError
-from pneumo.redaction import redact
+from pneumo.redaction import has_credentials, redact
 
 
 def mlflow_client(tracking_uri: str | None) -> Any:
@@ -21,6 +22,9 @@ def mlflow_client(tracking_uri: str | None) -> Any:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = tracking_uri or mlflow.get_tracking_uri()
+    if has_credentials(str(uri)):
+        # MLflow prints "View run … at: <tracking URI>" when a run ends: not with a password in it.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ def ingest(source: str, settings: Settings, *, progress: Progress | None = None)
                         progress=progress)
 
 
-def materialize(manifest: pd.DataFrame, source: str, settings: Settings) -> Path:
-    """The pinned manifest's files on this machine (a worker may not have run the ingest)."""
+@contextmanager
+def materialized(manifest: pd.DataFrame, source: str, settings: Settings) -> Iterator[Path]:
+    """The pinned manifest's files on this machine (a worker may not have run the ingest), held for
+    reading: no sync into the same cache (``pneumo promote``) can change them inside the block."""
     from pneumo import storage
 
-    return storage.materialize(manifest, source, cache_dir(settings.home, source),
-                               endpoint_url=settings.s3_endpoint_url)
+    with storage.materialized(manifest, source, cache_dir(settings.home, source),
+                              endpoint_url=settings.s3_endpoint_url) as root:
+        yield root
 
 
 @dataclass
@@ -77,7 +81,7 @@ def check_subsets(frame: pd.DataFrame, min_per_class: int = 2) -> None:
 
 def prepare_data(
     root: Path, manifest: pd.DataFrame, config: TrainConfig, *, min_per_class: int = 2, log: Log = print,
-    progress: Progress | None = None,
+    progress: Progress | None = None, cache: Path | None = None,
 ) -> PreparedData:
     """Decode-check an ingested manifest, carve the patient-grouped validation split, check counts.
 
@@ -88,11 +92,15 @@ def prepare_data(
         min_per_class: fail below this many images per subset and class.
         log: where skipped bad images are reported.
         progress: called with (done, total) while images are checked.
+        cache: the source's cache folder, held for reading while images are checked.
 
     Raises:
         DataError: a subset or class is too small.
     """
-    checked = validate_images(Path(root), manifest, progress=progress)
+    from pneumo import storage
+
+    with storage.reading(cache) if cache is not None else nullcontext():
+        checked = validate_images(Path(root), manifest, progress=progress)
     frame = assign_subsets(checked.frame, config.val_fraction, config.seed)
     report = data_report(checked, frame)
     for item in checked.bad:
@@ -325,11 +333,11 @@ def train_and_log(
     started = time.time()
     if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
         limit_cpu_threads(settings.tf_threads)
-    root = materialize(manifest, params.source, settings)
-    data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
     run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
-    result = run_candidate(name, data, params.train, settings.home / "runs" / parent_run_id,
-                           score_weight=params.gate.score_weight, log=log)
+    with materialized(manifest, params.source, settings) as root:  # held while training reads the files
+        data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
+        result = run_candidate(name, data, params.train, settings.home / "runs" / parent_run_id,
+                               score_weight=params.gate.score_weight, log=log)
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
                            class_weight=data.class_weight, tracking_uri=params.tracking_uri)
     if result.status != "ok":
@@ -355,7 +363,8 @@ def promote_best(
     """
     from pneumo import registry
 
-    root = materialize(test_manifest, params.source, settings)
-    return registry.promote(parent_run_id, read_test_set(root, test_manifest), gate=params.gate, run_ids=run_ids,
+    with materialized(test_manifest, params.source, settings) as root:
+        test = read_test_set(root, test_manifest)
+    return registry.promote(parent_run_id, test, gate=params.gate, run_ids=run_ids,
                             tracking_uri=params.tracking_uri, model_name=params.registered_model,
                             dry_run=dry_run)

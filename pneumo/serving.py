@@ -322,7 +322,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         """
         outputs, overlays = [], []
         for start in range(0, len(encoded), CHUNK):
-            pixels = decode_batch(encoded[start:start + CHUNK], self.image_size)
+            pixels = decode_batch(encoded[start:start + CHUNK], self.image_size, first_index=start)
             # An eager call: a tf.function per loaded model makes TensorFlow warn about retracing.
             outputs.append(np.asarray(self.model(pixels, training=False), dtype=np.float64).ravel())
             if explain:
