@@ -34,15 +34,15 @@ SIZE_RANGE: dict[str, tuple[int, int]] = {"small": (48, 96), "real": (900, 2000)
 ASPECT_RANGE = (0.7, 0.9)  # height / width
 IMAGES_PER_PATIENT = (1, 2, 3, 4)
 IMAGES_PER_PATIENT_P = (0.35, 0.3, 0.2, 0.15)
-# Pneumonia severity per patient: most films show clear opacities, a few are barely visible.
+# Pneumonia severity per patient: most films show clear opacities (the seed's CNNs learn them in
+# a few epochs at 48-64 px), a few are barely visible (the hard cases that keep AUC below 1).
 STRENGTH = (0.55, 1.0)
 FAINT_STRENGTH = (0.15, 0.4)
 FAINT_FRACTION = 0.06
-BACTERIA_GAIN = 1.2
-VIRUS_GAIN = 1.1
-BLOB_SIGMA = (0.14, 0.26)
-AUTO_WINDOW = True
-MEAN_GREY = 0.42
+BACTERIA_GAIN = 1.2  # lobar consolidation: dense blobs
+VIRUS_GAIN = 1.1  # interstitial: patchy, bilateral, fainter per pixel but spread wider
+BLOB_SIGMA = (0.14, 0.26)  # consolidation size in body half-widths: several pixels even at 48 px
+MEAN_GREY = 0.42  # the detector's automatic windowing brings each film's mean grey near this
 # A real .DS_Store starts with this header; content never matters to us, only that it is skipped.
 DS_STORE_BYTES = b"\x00\x00\x00\x01Bud1" + bytes(2038)
 DS_STORE_DIRS = ("", "train", "train/NORMAL", "test/PNEUMONIA")
@@ -128,7 +128,8 @@ def _check_scale(scale: float, name: str = "scale") -> float:
     except (TypeError, ValueError):
         raise SynthScaleError(f"{name} must be a number in (0, 1], got {scale!r}") from None
     if not np.isfinite(value) or value <= 0 or value > 1:
-        raise SynthScaleError(f"{name} must be in (0, 1] (1.0 = the full 5,856-image dataset), got {scale!r}")
+        full = "the full 624-image test split" if name == "test_scale" else "the full 5,856-image dataset"
+        raise SynthScaleError(f"{name} must be in (0, 1] (1.0 = {full}), got {scale!r}")
     return value
 
 
@@ -148,7 +149,9 @@ def split_counts(scale: float, test_scale: float | None = None) -> dict[str, dic
         SynthScaleError: ``scale`` or ``test_scale`` is not in (0, 1] (also a ``ValueError``).
     """
     scale = _check_scale(scale)
-    scales = {"train": scale, "val": scale, "test": scale if test_scale is None else _check_scale(test_scale, "test_scale")}
+    scales = {split: scale for split in REAL_COUNTS}
+    if test_scale is not None:
+        scales["test"] = _check_scale(test_scale, "test_scale")
     counts: dict[str, dict[str, int]] = {}
     for split, by_class in REAL_COUNTS.items():
         counts[split] = {}
@@ -319,8 +322,7 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
     # quantum noise at base resolution.
     img = np.clip(img * ir.uniform(0.85, 1.15) + ir.normal(0, 0.04), 0.0, 1.0)
     img = img ** ir.uniform(0.8, 1.25)
-    if AUTO_WINDOW:
-        img += ir.normal(MEAN_GREY, 0.03) - float(img.mean())
+    img += ir.normal(MEAN_GREY, 0.03) - float(img.mean())
     img += ir.normal(0, ir.uniform(0.01, 0.035), size=img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
