@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,135 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_OWNER_TAG = "pneumo.lock.owner"
 LOCK_EXPIRES_TAG = "pneumo.lock.expires"
 LOCK_PROCESS_TAG = "pneumo.lock.process"
+# The lease only has to outlast a renewal gap, not a whole promotion: a holder killed on another
+# machine blocks promotions for at most this long.
+DEFAULT_TTL_S = 300.0
+RENEWALS_PER_TTL = 3  # renew every ttl/3: two renewals may fail (a slow server) before the lease lapses
+RENEWER_JOIN_S = 5.0  # on release, how long to wait for a renewal call in flight
 
 
-@dataclass
-class _Holder:
+@dataclass(frozen=True)
+class _Generation:
+    """One registered model that stands for the lock: ``<lock>`` (generation 0) or ``<lock>.<n>``."""
+
+    number: int
+    name: str
     owner: str
     expires: float
     process: str
+    created: int
+
+    @property
+    def identity(self) -> tuple[str, str, int]:
+        """Tells this generation from a later one created under the same name."""
+        return self.name, self.owner, self.created
+
+
+@dataclass
+class _Lease:
+    """What a holder knows of the generation it holds."""
+
+    client: Any
+    model_name: str
+    name: str
+    token: str
+    ttl: float
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def lock_name(self) -> str:
+        return f"{self.model_name}{LOCK_SUFFIX}"
+
+    def still_held(self) -> bool:
+        """True while our generation exists, is ours and (with a ttl) has not expired."""
+        if self.lost.is_set():
+            return False
+        current = _read_generation(self.client, self.lock_name, self.name)
+        return current is not None and current.owner == self.token and (
+            self.ttl <= 0 or current.expires > time.time())
+
+
+class LockToken(str):
+    """The holder's token (its generation's owner tag), able to check that the lock is still held."""
+
+    _lease: _Lease | None = None
+
+    def ensure_held(self) -> None:
+        """Raise unless this holder still holds the lock (call before a registry write that must be fenced).
+
+        Raises:
+            PromotionError: the lease lapsed (renewal failed for a ttl) or another promotion took over.
+        """
+        lease = self._lease
+        if lease is None or not lease.still_held():
+            model = lease.model_name if lease else "the model"
+            raise PromotionError(f"lost the promotion lock of {model}: its lease lapsed or another promotion "
+                                 "took it over")
+
+
+def generation_name(lock_name: str, number: int) -> str:
+    """The registered-model name of lock generation ``number`` (0 is the plain lock name).
+
+    Args:
+        lock_name: ``<model>.promotion-lock``.
+        number: the generation, 0 or more.
+
+    Returns:
+        ``lock_name`` for generation 0, else ``<lock_name>.<number>``.
+    """
+    return lock_name if number == 0 else f"{lock_name}.{number}"
+
+
+def _generation_number(lock_name: str, name: str) -> int | None:
+    if name == lock_name:
+        return 0
+    match = re.fullmatch(re.escape(lock_name) + r"\.([1-9][0-9]*)", name)
+    return int(match.group(1)) if match else None
+
+
+def _as_generation(lock_name: str, model: Any) -> _Generation | None:
+    number = _generation_number(lock_name, model.name)
+    if number is None:
+        return None
+    tags = model.tags or {}
+    try:
+        expires = float(tags.get(LOCK_EXPIRES_TAG, "0"))
+    except ValueError:
+        expires = 0.0  # unreadable: treat as expired rather than block promotions forever
+    return _Generation(number, model.name, tags.get(LOCK_OWNER_TAG, "?"), expires,
+                       tags.get(LOCK_PROCESS_TAG, ""), int(model.creation_timestamp or 0))
+
+
+def _generations(client: Any, lock_name: str) -> list[_Generation]:
+    """Every existing generation of the lock, lowest first.
+
+    MLflow loads the tags with a second query, so a generation deleted between the two comes
+    back without tags and reads as abandoned. That is harmless: it is gone, and a contender that
+    acts on it is caught by :func:`_confirmed`. A live generation always comes with its tags.
+    """
+    found: list[_Generation] = []
+    page_token = None
+    while True:
+        # LIKE may match more (``_`` and ``%`` in a model name are wildcards): names are parsed exactly.
+        quote = "'" if "'" not in lock_name else '"'
+        page = client.search_registered_models(filter_string=f"name LIKE {quote}{lock_name}%{quote}",
+                                               max_results=1000, page_token=page_token)
+        found += [generation for model in page if (generation := _as_generation(lock_name, model))]
+        page_token = page.token
+        if not page_token:
+            return sorted(found, key=lambda generation: generation.number)
+
+
+def _read_generation(client: Any, lock_name: str, name: str) -> _Generation | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error_code(error) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return _as_generation(lock_name, model)
 
 
 def _process_id(pid: int) -> str | None:
@@ -49,8 +172,8 @@ def _process_id(pid: int) -> str | None:
     return f"{boot}/{namespace}/{pid}/{start}"
 
 
-def _abandoned(holder: _Holder) -> str | None:
-    """Why a held lock may be taken over (expired, or its holder died here), else None."""
+def _abandoned(holder: _Generation) -> str | None:
+    """Why a generation may be taken over (expired, or its holder died here), else None."""
     if holder.expires < time.time():
         return "expired"
     if _holder_is_gone(holder.process):
@@ -67,94 +190,218 @@ def _holder_is_gone(process: str) -> bool:
     return _process_id(int(parts[2])) != process
 
 
-def _read_lock(client: Any, lock_name: str) -> _Holder | None:
+def _create(client: Any, lock_name: str, name: str, token: str, ttl: float, model_name: str) -> bool:
+    """Create generation ``name`` as ours; False when it already exists and is someone else's.
+
+    The insert of a unique registered-model name is atomic in MLflow's store: of several
+    contenders creating the same name, exactly one succeeds.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        model = client.get_registered_model(lock_name)
+        client.create_registered_model(
+            name,
+            tags={LOCK_OWNER_TAG: token, LOCK_EXPIRES_TAG: f"{time.time() + ttl:.3f}",
+                  LOCK_PROCESS_TAG: _process_id(os.getpid()) or ""},
+            description=f"Held while a promotion of {model_name} decides; deleted afterwards.",
+        )
+        return True
+    except MlflowException as error:
+        # The store answers a lost insert race by reading the winner back, which reports
+        # RESOURCE_DOES_NOT_EXIST when the winner has just deleted it again: lost all the same.
+        if error_code(error) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+            raise
+    current = _read_generation(client, lock_name, name)
+    return current is not None and current.owner == token  # our insert landed but its reply was lost
+
+
+def _delete(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(name)
+    except MlflowException as error:
+        if error_code(error) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def _delete_if_ours(client: Any, lock_name: str, name: str, token: str) -> None:
+    current = _read_generation(client, lock_name, name)
+    if current is not None and current.owner == token:
+        _delete(client, name)
+
+
+def _confirmed(client: Any, lock_name: str, mine: str, token: str, seen: list[_Generation]) -> bool:
+    """True when ours exists and, besides it, only generations we saw abandoned before creating it.
+
+    This catches a contender that acted on a stale view: it saw generation n abandoned, then
+    paused while another contender took over, finished or moved back to the plain name, so the
+    generation it creates is free but another live one exists.
+    """
+    before = {generation.identity for generation in seen}
+    now = _generations(client, lock_name)
+    return any(generation.name == mine and generation.owner == token for generation in now) and all(
+        generation.identity in before for generation in now if generation.name != mine)
+
+
+def _take(
+    client: Any, lock_name: str, token: str, ttl: float, model_name: str,
+) -> tuple[str | None, _Generation | None]:
+    """One attempt at the lock.
+
+    Returns:
+        ``(name of the generation we now hold, None)``; or ``(None, a live generation)`` when the
+        lock is held; or ``(None, None)`` when we lost a race and should look again.
+    """
+    seen = _generations(client, lock_name)
+    if live := [generation for generation in seen if _abandoned(generation) is None]:
+        return None, live[-1]
+    # Free, or every generation abandoned: claim the next number; only one contender can create it.
+    mine = generation_name(lock_name, seen[-1].number + 1 if seen else 0)
+    if not _create(client, lock_name, mine, token, ttl, model_name):
+        return None, None
+    try:
+        if not _confirmed(client, lock_name, mine, token, seen):
+            _delete_if_ours(client, lock_name, mine, token)
+            return None, None
+        for generation in seen:
+            log.warning("taking over the promotion lock of %s left by %s (%s)", model_name, generation.owner,
+                        _abandoned(generation) or "abandoned")
+            _delete(client, generation.name)
+        return _move_home(client, lock_name, mine, token, ttl, model_name), None
+    except BaseException:
+        _let_go(client, lock_name, token, mine, lock_name)  # a half-taken lock would block others for a ttl
+        raise
+
+
+def _let_go(client: Any, lock_name: str, token: str, *names: str) -> None:
+    """Best effort: delete those of ``names`` that are ours; a failure is logged, never raised.
+
+    Raising here would hide the error that ended the holder's work; a generation left behind
+    expires after its ttl (at once for the next contender on this machine once we exit).
+    """
+    for name in dict.fromkeys(names):
+        try:
+            _delete_if_ours(client, lock_name, name, token)
+        except Exception:  # noqa: BLE001
+            log.warning("could not delete %s; it expires on its own", name, exc_info=True)
+
+
+def _move_home(client: Any, lock_name: str, mine: str, token: str, ttl: float, model_name: str) -> str:
+    """After a takeover through generation n > 0, hold the plain lock name again.
+
+    Operators and older tools look for ``<model>.promotion-lock``. Ours exists throughout (the
+    plain name is created before generation n is deleted), so no contender sees the lock free.
+
+    Returns:
+        The name of the generation now held.
+    """
+    if mine == lock_name or not _create(client, lock_name, lock_name, token, ttl, model_name):
+        return mine  # a stale contender's doomed insert holds the plain name: keep generation n
+    _delete(client, mine)
+    return lock_name
+
+
+def _renew(lease: _Lease) -> bool:
+    """Push our generation's expiry ``ttl`` ahead; False when it is no longer ours to renew.
+
+    An expired lease is not renewed: a contender may already be taking it over, and renewing
+    would resurrect it under them. A deleted generation is never re-created here.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not lease.still_held():
+        return False
+    try:
+        lease.client.set_registered_model_tag(lease.name, LOCK_EXPIRES_TAG, f"{time.time() + lease.ttl:.3f}")
     except MlflowException as error:
         if error_code(error) == "RESOURCE_DOES_NOT_EXIST":
-            return None
+            return False  # deleted by a taker since the check: setting a tag never re-creates it
         raise
-    tags = model.tags or {}
-    try:
-        expires = float(tags.get(LOCK_EXPIRES_TAG, "0"))
-    except ValueError:
-        expires = 0.0
-    return _Holder(tags.get(LOCK_OWNER_TAG, "?"), expires, tags.get(LOCK_PROCESS_TAG, ""))
+    return True
+
+
+def _renew_until(stop: threading.Event, lease: _Lease) -> None:
+    """Renew the lease every ttl/3 until ``stop`` is set or the lease is lost."""
+    interval = lease.ttl / RENEWALS_PER_TTL
+    due = time.monotonic() + interval
+    while not stop.wait(max(0.0, due - time.monotonic())):
+        # The next one is due an interval after this one was due, not after a slow call returns;
+        # one that is late anyway goes at once, without a burst of catch-up renewals.
+        due = max(due, time.monotonic()) + interval
+        try:
+            if not _renew(lease):
+                lease.lost.set()
+                log.error("lost the promotion lock of %s (%s): its lease lapsed or was taken over",
+                          lease.model_name, lease.name)
+                return
+        except Exception:  # noqa: BLE001 - a transient server error: the next tick retries before expiry
+            log.warning("could not renew the promotion lock of %s", lease.model_name, exc_info=True)
+
+
+def _start_renewer(lease: _Lease) -> tuple[threading.Event, threading.Thread | None]:
+    stop = threading.Event()
+    if lease.ttl <= 0:
+        return stop, None  # no lease to keep: the lock is open to takeover at once by design
+    thread = threading.Thread(target=_renew_until, args=(stop, lease), daemon=True,
+                              name=f"promotion-lock-renewer:{lease.name}")
+    thread.start()
+    return stop, thread
+
+
+def _acquire(client: Any, model_name: str, token: str, ttl: float, timeout: float, poll: float) -> str:
+    """Try until we hold a generation of the lock; returns its name."""
+    lock_name = f"{model_name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout
+    while True:
+        held, holder = _take(client, lock_name, token, ttl, model_name)
+        if held is not None:
+            return held
+        if time.monotonic() > deadline:
+            owner = holder.owner if holder else "unknown"
+            raise PromotionError(f"another promotion of {model_name} holds the registry lock ({owner}); "
+                                 f"gave up after {timeout:.0f} s")
+        time.sleep(poll * (0.5 + random.random()))  # jitter: contenders that backed off do not collide again
 
 
 @contextmanager
 def promotion_lock(
-    client: Any, model_name: str, *, ttl: float = 1800.0, timeout: float = 600.0, poll: float = 0.5,
-) -> Iterator[str]:
+    client: Any, model_name: str, *, ttl: float = DEFAULT_TTL_S, timeout: float = 600.0, poll: float = 0.5,
+) -> Iterator[LockToken]:
     """Hold the registry-wide promotion lock of ``model_name``.
 
     The lock is a registered model named ``<model_name>.promotion-lock``: creating a registered
     model is an atomic insert in MLflow's store (a unique name), so exactly one of several
     concurrent creators succeeds, across processes and hosts, with no extra infrastructure.
-    Tags record the owner, its process and an expiry: a lock whose holder process has died on
-    this machine is taken over at once; one held from elsewhere, after ``ttl`` seconds.
+    Tags record the owner, its process and an expiry. An abandoned lock (expired, or its holder
+    process died on this machine) is taken over by creating the next generation
+    ``<model_name>.promotion-lock.<n>``, again an atomic insert, so one contender wins; the
+    winner then deletes the abandoned generations and moves back to the plain name. A
+    background thread renews the expiry every ``ttl / 3`` while the holder works. See
+    ``docs/promotion-lock.md``.
 
     Args:
         client: an ``MlflowClient`` for the registry.
         model_name: the registered model being promoted.
-        ttl: seconds after which a lock held from another machine may be taken over.
+        ttl: seconds of lease: a holder that stops renewing (hung, killed on another machine)
+            loses the lock this long after its last renewal. 0 or less: no lease, no renewal.
         timeout: seconds to wait for another holder before giving up.
         poll: seconds between attempts (with jitter).
 
     Yields:
-        This holder's token.
+        This holder's token (a ``str``); ``token.ensure_held()`` raises when the lock was lost.
 
     Raises:
         PromotionError: the lock stayed held for ``timeout`` seconds.
     """
-    from mlflow.exceptions import MlflowException
-
-    lock_name = f"{model_name}{LOCK_SUFFIX}"
-    token = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.create_registered_model(
-                lock_name,
-                tags={LOCK_OWNER_TAG: token, LOCK_EXPIRES_TAG: f"{time.time() + ttl:.3f}",
-                      LOCK_PROCESS_TAG: _process_id(os.getpid()) or ""},
-                description=f"Held while a promotion of {model_name} decides; deleted afterwards.",
-            )
-            break
-        except MlflowException as error:
-            if error_code(error) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        holder = _read_lock(client, lock_name)
-        if holder is not None and holder.owner == token:
-            break  # our create succeeded but its reply was lost and the client retried
-        if holder is not None and (abandoned := _abandoned(holder)):
-            # Its holder crashed: take it over, re-checking the owner right before deleting so we
-            # do not delete a lock someone else has just taken over.
-            again = _read_lock(client, lock_name)
-            if again is not None and again.owner == holder.owner:
-                log.warning("taking over the promotion lock of %s left by %s (%s)", model_name, holder.owner, abandoned)
-                _delete_lock(client, lock_name)
-            continue
-        if time.monotonic() > deadline:
-            owner = holder.owner if holder else "unknown"
-            raise PromotionError(f"another promotion of {model_name} holds the registry lock ({owner}); "
-                                 f"gave up after {timeout:.0f} s")
-        time.sleep(poll * (0.5 + random.random()))
+    token = LockToken(f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}")
+    lease = _Lease(client, model_name, _acquire(client, model_name, token, ttl, timeout, poll), token, ttl)
+    token._lease = lease
+    stop, renewer = _start_renewer(lease)
     try:
         yield token
     finally:
-        holder = _read_lock(client, lock_name)
-        if holder is not None and holder.owner == token:
-            _delete_lock(client, lock_name)
-
-
-def _delete_lock(client: Any, lock_name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.delete_registered_model(lock_name)
-    except MlflowException as error:
-        if error_code(error) != "RESOURCE_DOES_NOT_EXIST":
-            raise
+        stop.set()
+        if renewer is not None:
+            renewer.join(RENEWER_JOIN_S)
+        _let_go(client, lease.lock_name, token, lease.name)
