@@ -1,14 +1,18 @@
 """The README's main job: the retraining flow end to end on embedded defaults, in minutes on a CPU.
 
-Generates a small dataset (if absent) under ``.pneumo/demo-data``, tracks to a local sqlite MLflow
-store, runs Prefect locally (its database under ``.pneumo/prefect``), then prints the leaderboard,
-the promotion decision and how to open both UIs on what it produced.
+Generates a dataset (if absent) under ``.pneumo/demo-data``, tracks to a local sqlite MLflow store,
+runs Prefect locally (its database under ``.pneumo/prefect``), then prints the leaderboard, the
+promotion decision with the numbers it compared, the time and CPU it took, and how to open both
+UIs on what it produced.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 HOME = Path(os.environ.get("PNEUMO_HOME", ".pneumo")).resolve()
@@ -18,39 +22,59 @@ DEMO_DEFAULTS = {
     "PREFECT_HOME": str(HOME / "prefect"),
     # Prefect's local API server can take 15-20 s to start on 2 cores; its default limit is 20 s.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # Its telemetry service races the flow for the sqlite database and prints a "database is
+    # locked" traceback that reads like a failure; the demo needs neither.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
+# Library messages a newcomer would take for failures; none of them is one here.
+QUIET_WARNINGS = (
+    r"Hint: Inferred schema contains integer column",  # MLflow, about the manifest's label column
+    r"Add type hints to the `predict` method",  # MLflow: our pyfunc validates its inputs itself
+    r".*`shuffle=True` was passed",
+)
+
+DEMO_SCALE = 0.12  # train/val: 626 train + 16 val images, about 2 minutes of the four models on 2 cores
+DEMO_TEST_SCALE = 0.35  # test: 219 images, enough for a decision with intervals to mean something
 
 
-DEMO_SCALE = 0.08  # 460 generated images: big enough to learn something, small enough for minutes
+def generate_demo_dataset(data_dir: Path) -> None:
+    """The demo's generated dataset (Kaggle layout and quirks), unless it is already there."""
+    from pneumo.synthetic import generate_dataset
+
+    if not (data_dir / "chest_xray").is_dir():
+        print(f"generating the demo dataset in {data_dir} ...", flush=True)
+        generate_dataset(data_dir, seed=0, scale=DEMO_SCALE, test_scale=DEMO_TEST_SCALE, image_kind="small")
 
 
 def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
-    """Demo parameters: 64 px, 8 epochs, all four models, ImageNet VGG16 only if the file is at hand.
+    """Demo parameters: all four models at 64 px for 8 epochs; the gate the README documents.
 
-    The recall floor is relaxed to 0.9: the generated validation set is small, so a threshold
-    tuned on it carries over to the test set less tightly than on the real data.
+    Without the ImageNet weights file VGG16 starts from random weights, where the seed's 1e-5 (a
+    fine-tuning rate) learns nothing in 8 epochs; it trains at 1e-4 instead.
     """
     from pneumo.config import Gate, RetrainParams, TrainConfig
 
-    return RetrainParams(source=str(data_dir), train=TrainConfig(epochs=8, image_size=64, batch_size=32,
-                                                                 vgg16_weights="auto"),
-                         gate=Gate(min_recall=0.9))
+    return RetrainParams(
+        source=str(data_dir),
+        train=TrainConfig(epochs=8, image_size=64, batch_size=32, vgg16_weights="auto", vgg16_learning_rate=1e-4),
+        gate=Gate(min_recall=0.85, min_specificity=0.5),
+    )
 
 
 def main() -> int:
     """Run the demo; returns the process exit code."""
     for key, value in DEMO_DEFAULTS.items():
         os.environ.setdefault(key, value)  # before Prefect/TensorFlow read their settings
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     from pneumo.config import Settings
     from pneumo.errors import PneumoError
-    from pneumo.synthetic import generate_dataset
 
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     data_dir = HOME / "demo-data"
-    if not (data_dir / "chest_xray").is_dir():
-        print(f"generating the demo dataset in {data_dir} (scale {DEMO_SCALE}) ...", flush=True)
-        generate_dataset(data_dir, seed=0, scale=DEMO_SCALE, image_kind="small")
-
+    generate_demo_dataset(data_dir)
     from flows.retrain import retrain
 
     params = demo_params(data_dir)
@@ -59,24 +83,44 @@ def main() -> int:
     except PneumoError as error:
         print(f"pneumo demo: error: {error}", file=sys.stderr)
         return 2
-    print_summary(result, params.resolved(Settings()).experiment)
+    wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    print_summary(result, params, params.resolved(Settings()).experiment)
+    print(f"\nDemo took {wall:.0f} s; CPU time {cpu:.0f} s = {cpu / wall:.2f} of {os.cpu_count()} cores busy on average.")
     return 0
 
 
-def print_summary(result: dict, experiment: str) -> None:
-    """Leaderboard, decision and where to look next."""
-    import pandas as pd
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
-    from pneumo.leaderboard import format_leaderboard
 
-    print("\nLeaderboard (test metrics at the tuned threshold; score on validation)")
-    print(format_leaderboard(pd.DataFrame(result["leaderboard"])))
+def print_summary(result: dict, params, experiment: str) -> None:  # noqa: ANN001 - RetrainParams
+    """Leaderboard, decision with the numbers compared, and where to look next."""
+    from pneumo.leaderboard import format_leaderboard, leaderboard
+
+    gate = params.gate
+    print("\nLeaderboard (test metrics at the tuned threshold with 95 % intervals by patient; score on validation)")
+    print(format_leaderboard(leaderboard(result["candidates"])))
     decision = result.get("decision") or {}
-    print(f"\nPromotion: {decision.get('outcome', 'none')}: {decision.get('reason', 'no candidate succeeded')}")
+    print(f"\nGate: test recall ≥ {gate.min_recall} and specificity ≥ {gate.min_specificity} on the interval's "
+          f"{gate.floors_on.replace('-', ' ')}; against a champion, the paired score difference's interval must "
+          f"clear {gate.margin} ({gate.mode}).")
+    if not decision:
+        print("Promotion: none: no candidate succeeded")
+    else:
+        print(f"Promotion: {decision['outcome']}: {decision['candidate']} → {decision['model_name']} version "
+              f"{decision['version']}: {decision['reason']}")
+        if decision.get("champion_version"):
+            print(f"  compared on {decision['n_test_images']} test images ({decision['n_test_patients']} patients): "
+                  f"candidate score {decision['score']:.4f} vs champion version {decision['champion_version']} "
+                  f"{decision['champion_score']:.4f}; difference {decision['score_diff']:.4f} "
+                  f"[{decision['score_diff_ci_low']:.4f}, {decision['score_diff_ci_high']:.4f}], "
+                  f"challenger better in {decision['p_better']:.0%} of resamples")
     print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri {os.environ['PNEUMO_TRACKING_URI']}"
           f"   (experiment '{experiment}', model registry 'pneumonia-classifier')")
     print(f"Prefect UI: PREFECT_HOME={os.environ['PREFECT_HOME']} .venv/bin/prefect server start"
           "   (flow 'retrain', artifacts 'leaderboard' and 'promotion-decision')")
+    print(".venv/bin/pneumo champion --card   (the champion's model card)")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def validate_data(root: str, manifest: list[Record], params: RetrainParams) -> R
             "seconds": time.perf_counter() - started}
 
 
-@task(name="train-candidate", task_run_name="train-{name}", retries=1, retry_delay_seconds=5,
+@task(name="train-candidate", task_run_name="train-{name}", retries=3, retry_delay_seconds=[5, 30, 60],
       retry_condition_fn=_retry_transient)
 def train_candidate(name: str, manifest: list[Record], params: RetrainParams, parent_run_id: str,
                     data_report: Record) -> Record:

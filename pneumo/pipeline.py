@@ -313,6 +313,28 @@ def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None
     return max(survivors, key=lambda r: r.score, default=None)
 
 
+def _checkpoint(result: CandidateResult, run_id: str, folder: Path) -> None:
+    """Keep a trained candidate on the worker's disk until it is logged (a tracking outage loses nothing)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    result.model.save(folder / "model.keras")
+    (folder / "result.json").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
+
+
+def _restore(folder: Path) -> tuple[CandidateResult, str] | None:
+    """A candidate trained by an earlier attempt of this task and not yet logged, with its run id."""
+    import json
+
+    import keras
+
+    if not (folder / "result.json").is_file() or not (folder / "model.keras").is_file():
+        return None
+    saved = json.loads((folder / "result.json").read_text())
+    run_id = saved.pop("run_id")
+    return CandidateResult(**saved, model=keras.models.load_model(folder / "model.keras")), run_id
+
+
 def train_and_log(
     name: str, manifest: pd.DataFrame, params: RetrainParams, parent_run_id: str, data_report: dict[str, Any],
     settings: Settings, *, log: Log = print,
@@ -320,26 +342,40 @@ def train_and_log(
     """One flow candidate: fetch the pinned files, train and evaluate, log a child run of the retraining.
 
     The child run is opened before training, so the MLflow UI shows its real start and duration.
+    A trained model is kept on disk until it is logged: when logging fails (the tracking server is
+    down), the task's retry logs the kept model instead of training again.
 
     Returns:
         The result's summary plus ``run_id``, the worker's ``pid``, ``started`` and ``finished`` (epoch seconds).
 
     Raises:
         CandidateFailed: the candidate produced no model (its FAILED run records why).
+        TrackingError: logging failed (transient: the retry logs the kept model).
     """
+    import shutil
+
     from pneumo import tracking
     from pneumo.train import limit_cpu_threads
 
     started = time.time()
     if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
         limit_cpu_threads(settings.tf_threads)
-    run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
-    with materialized(manifest, params.source, settings) as root:  # held while training reads the files
-        data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
-        result = run_candidate(name, data, params.train, settings.home / "runs" / parent_run_id,
-                               score_weight=params.gate.score_weight, log=log)
+    out_dir = settings.home / "runs" / parent_run_id
+    pending = out_dir / name / "pending"
+    restored = _restore(pending)
+    if restored is not None:
+        result, run_id = restored
+        log(f"[{name}] logging the model trained by an earlier attempt (kept in {pending})")
+    else:
+        run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
+        with materialized(manifest, params.source, settings) as root:  # held while training reads the files
+            data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
+            result = run_candidate(name, data, params.train, out_dir, score_weight=params.gate.score_weight, log=log)
+        if result.status == "ok":
+            _checkpoint(result, run_id, pending)
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
-                           class_weight=data.class_weight, tracking_uri=params.tracking_uri)
+                           class_weight=class_weights(manifest), tracking_uri=params.tracking_uri)
+    shutil.rmtree(pending, ignore_errors=True)
     if result.status != "ok":
         raise CandidateFailed(f"{name}: {result.error} (MLflow run {run_id})")
     summary = result.summary()

@@ -30,6 +30,7 @@ PREVIOUS = "previous-champion"
 CHALLENGER = "challenger"
 ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
 DECISION_TAG = "pneumo.decision"
+PREVIOUS_TAG = "pneumo.previous_champion"
 REASON_TAG = "pneumo.decision.reason"
 _EPSILON = 1e-9  # scores are means of counts: equal models must compare equal despite rounding
 
@@ -275,9 +276,9 @@ def promote(
         decision.aliases = _aliases(client, model_name)
         return decision
     _ensure_registered_model(client, model_name)
-    with promotion_lock(client, model_name, timeout=lock_timeout):
+    with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
         decision = decide()  # the champion is read under the lock: never a stale view
-        _apply(client, decision, best)
+        _apply(client, decision, best, lease)
     return decision
 
 
@@ -326,23 +327,31 @@ def _card(client: Any, decision: Decision, best: Any) -> str:
                       best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""))
 
 
-def _apply(client: Any, decision: Decision, best: Any) -> None:
-    """Register, move aliases, tag and log; undo everything if any step fails."""
+def _apply(client: Any, decision: Decision, best: Any, lease: Any) -> None:
+    """Register, move aliases, tag and log; undo everything if any step fails.
+
+    ``lease.ensure_held()`` before each registry write: a holder that lost its lease (it stalled
+    past the ttl and someone took over) stops instead of writing over the new holder's work.
+    """
     name = decision.model_name
     before = _aliases(client, name)
     created = None
     try:
         source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
+        lease.ensure_held()
         created = client.create_model_version(name, source=source, run_id=decision.run_id,
                                               tags=_version_tags(decision, best), description=card,
                                               model_id=source.removeprefix("models:/"))
         log_text(client, decision.run_id, "model_card.md", card)
         decision.version = str(created.version)
         verdict = decision.outcome
+        lease.ensure_held()
         if decision.promoted:
             # previous-champion first: a kill between the two writes never leaves it stale.
             if decision.champion is not None:
                 client.set_registered_model_alias(name, PREVIOUS, decision.champion.version)
+                # Deleting a version drops its aliases; the tag remembers it so rollback can say so.
+                client.set_registered_model_tag(name, PREVIOUS_TAG, decision.champion.version)
             client.set_registered_model_alias(name, CHAMPION, decision.version)
         else:
             client.set_registered_model_alias(name, CHALLENGER, decision.version)
@@ -435,6 +444,22 @@ def champion_info(model_name: str, *, tracking_uri: str | None = None) -> dict[s
     return None if version is None else _version_info(version, _aliases(client, model_name))
 
 
+def _no_previous(client: Any, model_name: str) -> str:
+    """Why there is nothing to roll back to: never a previous champion, or it was deleted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        remembered = (client.get_registered_model(model_name).tags or {}).get(PREVIOUS_TAG)
+    except MlflowException:
+        remembered = None
+    if remembered:
+        try:
+            client.get_model_version(model_name, remembered)
+        except MlflowException:
+            return f"{model_name} version {remembered}, the previous champion, was deleted: nothing to roll back to"
+    return f"{model_name} has no {PREVIOUS} version to roll back to"
+
+
 def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: float = 600.0) -> dict[str, Any]:
     """Point ``champion`` back at ``previous-champion`` (under the promotion lock).
 
@@ -445,16 +470,26 @@ def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: 
         The new champion's :func:`champion_info`, plus ``rolled_back`` (the demoted version).
 
     Raises:
-        PromotionError: there is no previous champion to go back to.
+        PromotionError: there is no previous champion to go back to (or it was deleted), or its
+            model does not load (the alias stays where it is).
     """
+    import mlflow.pyfunc
+
     client = mlflow_client(tracking_uri)
-    with promotion_lock(client, model_name, timeout=lock_timeout):
+    with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
         previous = _alias_version(client, model_name, PREVIOUS)
         if previous is None:
-            raise PromotionError(f"{model_name} has no {PREVIOUS} version to roll back to")
+            raise PromotionError(_no_previous(client, model_name))
+        try:
+            mlflow.pyfunc.load_model(f"models:/{model_name}/{previous.version}")
+        except Exception as error:  # noqa: BLE001 - any failure means apps could not load it either
+            raise PromotionError(f"{model_name} version {previous.version} ({PREVIOUS}) does not load, so the "
+                                 f"champion stays: {one_line(error)}") from None
         current = _alias_version(client, model_name, CHAMPION)
+        lease.ensure_held()
         client.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
         client.delete_registered_model_alias(model_name, PREVIOUS)
+        client.delete_registered_model_tag(model_name, PREVIOUS_TAG)
         if current is not None:
             client.set_model_version_tag(model_name, str(current.version), "pneumo.rolled_back",
                                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

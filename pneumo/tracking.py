@@ -305,7 +305,21 @@ def log_candidate(
         client.set_tag(run_id, TAG_KERAS_MODEL, keras_uri)
         client.set_tag(run_id, TAG_SERVING_MODEL, serving_uri)
     except Exception as error:
-        client.set_terminated(run_id, status="FAILED")
-        raise TrackingError(f"logging candidate {result.name} to {redact(client.tracking_uri)} failed: "
-                            f"{one_line(error)}") from error
+        _mark_failed(client, run_id)
+        raise CandidateLoggingError(f"logging candidate {result.name} to {redact(client.tracking_uri)} failed: "
+                                    f"{one_line(error)}") from error
     client.set_terminated(run_id, status="FINISHED")
+
+
+class CandidateLoggingError(TrackingError):
+    """Logging a trained candidate failed; worth retrying, since the trained model is kept on disk."""
+
+    transient = True
+
+
+def _mark_failed(client: Any, run_id: str) -> None:
+    """Mark the run FAILED if the server still answers (it may be the thing that failed)."""
+    try:
+        client.set_terminated(run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the logging error is the one to report
+        pass

@@ -126,3 +126,75 @@ def test_dask_cluster_runs_one_candidate_per_gpu_worker(flow_env, tiny_source: P
         running += change
         most = max(most, running)
     assert most <= 2
+
+
+@pytest.mark.slow
+def test_a_promotion_that_fails_after_training_closes_the_parent_run(flow_env, s3_server, tiny_source: Path,
+                                                                     unique_name) -> None:
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from pneumo import registry
+    from pneumo.config import Gate
+    from pneumo.pipeline import TestSet
+    from tests.plugins.mlflow_server import brightness_model, labelled_images, log_retraining, threshold_for
+
+    # A champion whose model files were lost from the artifact store: the gate cannot evaluate it.
+    model_name, experiment = unique_name("flow-broken"), unique_name("flow-exp")
+    first = log_retraining(flow_env.uri, experiment, brightness_model(40), {"cnn": (threshold_for(128), 0.9)})
+    images, labels = labelled_images(3, 3)
+    champion = registry.promote(first, TestSet(images, labels, [str(i) for i in range(6)]),
+                                gate=Gate(floors_on="point"), model_name=model_name, tracking_uri=flow_env.uri)
+    client = MlflowClient(flow_env.uri)
+    model_id = champion.evaluation.model_uri.removeprefix("models:/")
+    bucket = s3_server.client()
+    listing = bucket.list_objects_v2(Bucket=flow_env.artifacts_destination.split("/")[2])
+    lost = [item["Key"] for item in listing.get("Contents", []) if model_id in item["Key"]]
+    assert lost
+    for key in lost:
+        bucket.delete_object(Bucket=flow_env.artifacts_destination.split("/")[2], Key=key)
+
+    params = RetrainParams(source=str(tiny_source), candidates=["dense"], registered_model=model_name,
+                           experiment=experiment, tracking_uri=flow_env.uri, train=TINY_TRAIN, **TINY)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the store says, the flow fails
+        retrain(params=params)
+    [parent] = [run for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+                if run.data.tags.get("pneumo.kind") == "retraining" and run.info.run_id != first]
+    assert parent.info.status == "FAILED"  # never left RUNNING
+    assert parent.data.tags["pneumo.error"]
+    assert client.get_model_version_by_alias(model_name, "champion").version == champion.version
+
+
+@pytest.mark.slow
+def test_a_tracking_outage_after_training_keeps_the_model_and_retries_only_the_logging(
+        mlflow_server, tiny_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique_name) -> None:
+    from mlflow import MlflowClient
+
+    from pneumo import pipeline, tracking
+    from pneumo.config import Settings
+    from tests.plugins.s3 import FaultProxy
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now, not after minutes of back-off
+    settings = Settings(home=tmp_path / "home")
+    params = RetrainParams(source=str(tiny_source), candidates=["dense"], tracking_uri=mlflow_server.uri,
+                           train=TINY_TRAIN, **TINY).resolved(settings)
+    ingested = pipeline.ingest(params.source, settings)
+    data = pipeline.prepare_data(ingested.root, ingested.frame, params.train, min_per_class=1, log=lambda _: None)
+    parent = tracking.start_retraining(mlflow_server.uri, unique_name("outage"), params.source, ingested.fingerprint,
+                                       params)
+    lines: list[str] = []
+    # The tracking server stops taking metrics and params after the candidate trained.
+    with FaultProxy.start(mlflow_server.uri, fail_rate=1.0, faults=("503",), methods=("POST",),
+                          only="log-batch") as proxy:
+        outage = params.model_copy(update={"tracking_uri": proxy.endpoint_url})
+        with pytest.raises(tracking.CandidateLoggingError) as raised:
+            pipeline.train_and_log("dense", data.frame, outage, parent, data.report, settings, log=lines.append)
+    assert raised.value.transient  # the flow's retry condition retries it
+    assert (settings.home / "runs" / parent / "dense" / "pending" / "model.keras").is_file()
+    # The retry (server back) logs the kept model: no second training.
+    result = pipeline.train_and_log("dense", data.frame, params, parent, data.report, settings, log=lines.append)
+    assert sum("epoch 1/1" in line for line in lines) == 1
+    assert any("trained by an earlier attempt" in line for line in lines)
+    run = MlflowClient(mlflow_server.uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and "pneumo.serving_model_uri" in run.data.tags
+    assert not (settings.home / "runs" / parent / "dense" / "pending").exists()

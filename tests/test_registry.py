@@ -357,3 +357,36 @@ def test_only_this_retrainings_working_candidates_compete(mlflow_uri, unique_nam
     decision = registry.promote(parent, test_set, gate=GATE, model_name=name, run_ids=list(trained.values()),
                                 tracking_uri=mlflow_uri)
     assert decision.candidate == "dense" and decision.promoted and decision.record()["skipped_candidates"]
+
+
+def _lose_model_files(s3_server, mlflow_server, model_uri: str) -> None:
+    """Delete a logged model's files from the artifact store (a bucket on the test S3 server)."""
+    bucket = mlflow_server.artifacts_destination.split("/")[2]
+    client = s3_server.client()
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            if model_uri.removeprefix("models:/") in item["Key"]]
+    assert keys
+    for key in keys:
+        client.delete_object(Bucket=bucket, Key=key)
+
+
+def test_rollback_names_a_deleted_previous_champion_and_refuses_one_that_does_not_load(
+        mlflow_uri, mlflow_server, s3_server, unique_name, model, test_set):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    name, experiment = unique_name("model"), unique_name("exp")
+    newer = GATE.model_copy(update={"mode": "non-inferiority", "margin": 0.01})  # a retrained equal model wins
+    for level in (MID, BEST, BEST):
+        parent = retraining(mlflow_uri, experiment, model, {"cnn": (level, 0.9)})
+        assert registry.promote(parent, test_set, gate=newer, model_name=name, tracking_uri=mlflow_uri).promoted
+    assert aliases(mlflow_uri, name) == {"champion": "3", "previous-champion": "2"}
+    # The previous champion's files are gone: rollback refuses and the champion stays.
+    _lose_model_files(s3_server, mlflow_server, client.get_model_version(name, "2").source)
+    with pytest.raises(PromotionError, match=r"version 2 \(previous-champion\) does not load, so the champion stays"):
+        registry.rollback(name, tracking_uri=mlflow_uri)
+    assert aliases(mlflow_uri, name)["champion"] == "3"
+    # The previous champion was deleted: rollback says so, not "no previous-champion".
+    client.delete_model_version(name, "2")
+    with pytest.raises(PromotionError, match="version 2, the previous champion, was deleted"):
+        registry.rollback(name, tracking_uri=mlflow_uri)

@@ -1,0 +1,41 @@
+"""Bad numbers never pass: NaN and infinity are refused wherever a float enters (CLI flags, flow parameters)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pneumo.cli import main
+from pneumo.config import Gate, RetrainParams, TrainConfig
+
+
+@pytest.mark.parametrize("flag", ["--margin", "--score-weight", "--min-recall", "--min-specificity"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_promote_refuses_non_finite_flags_before_any_work(flag: str, value: str, capsys) -> None:
+    # No tracking server is reachable at this URI: the flag must be refused before it is tried.
+    assert main(["promote", f"{flag}={value}", "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    error = capsys.readouterr().err
+    assert "invalid parameter" in error and flag.removeprefix("--").replace("-", "_") in error
+
+
+@pytest.mark.parametrize("model", [TrainConfig, Gate])
+def test_every_float_field_refuses_nan_and_infinity(model) -> None:
+    floats = [name for name, field in model.model_fields.items() if float in (field.annotation,
+              *getattr(field.annotation, "__args__", ()))]
+    assert floats
+    for name in floats:
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValidationError, match=name):
+                model(**{name: value})
+
+
+def test_train_flags_refuse_nan(capsys) -> None:
+    assert main(["train", "cnn", "--data", "/nonexistent", "--learning-rate", "nan"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_flow_parameters_refuse_nan_in_nested_fields() -> None:
+    with pytest.raises(ValidationError, match="gate.margin"):
+        RetrainParams.model_validate({"gate": {"margin": "NaN"}})
+    with pytest.raises(ValidationError, match="train.val_fraction"):
+        RetrainParams.model_validate({"train": {"val_fraction": float("nan")}})
