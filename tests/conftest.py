@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.mlflow_server",
     "tests.plugins.prefect_server",
+    "tests.plugins.browser",
 ]

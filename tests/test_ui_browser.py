@@ -175,10 +175,9 @@ def test_mlflow_pages_show_logged_models_scores_and_the_decision(retraining: Ret
     source = client.get_model_version(decision["model_name"], str(decision["version"])).source
     page.locator(f"a[href$='/runs/{decision['run_id']}']").filter(has_text=decision["candidate"]).first.wait_for()
     page.locator(f"a[href$='/models/{source.removeprefix('models:/')}']").first.wait_for()
-    browser.screenshot("mlflow-version-source-run")
-    heading = page.get_by_role("heading", name="Promotion decision")
     browser.expect("Promotion decision", decision["reason"])
-    browser.screenshot("mlflow-version-model-card-decision", show=heading)
+    browser.screenshot("mlflow-version-source-run-and-decision",
+                       show=page.get_by_role("heading", name="Promotion decision"))
 
 
 # ----------------------------------------------------------------------------- Prefect, in the browser
@@ -200,7 +199,7 @@ def test_prefect_artifact_pages_show_the_leaderboard_and_the_decision(retraining
         browser.open(f"{retraining.prefect_ui}/artifacts/artifact/{artifacts['leaderboard']}",
                      "leaderboard", "validation score")
         for candidate in retraining.result["candidates"]:
-            row = page.get_by_role("row").filter(has=page.get_by_role("cell", name=candidate["name"], exact=True))
+            row = page.locator("tbody tr").filter(has=page.get_by_text(candidate["name"], exact=True))
             row.first.wait_for(state="visible")
             shown = row.first.inner_text()
             status = f"selected ({decision['outcome']})" if candidate["name"] == decision["candidate"] else "ok"
