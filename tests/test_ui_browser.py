@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import urllib.parse
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,8 @@ from pneumo.config import RetrainParams
 from pneumo.synthetic import generate_dataset
 from pneumo.tracking import SCORE_METRIC, TAG_KERAS_MODEL, TAG_SERVING_MODEL
 
-pytestmark = pytest.mark.slow
+# The retraining is ~1.5 min on two busy cores; a hung training thread should fail well before the suite's 900 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 CANDIDATES = ["dense", "cnn"]
 TRAIN = {"epochs": 1, "image_size": 40, "batch_size": 16, "vgg16_weights": "none"}
@@ -45,8 +45,9 @@ class Retraining:
 
 
 @pytest.fixture(scope="module")
-def retraining(mlflow_server: Any, prefect_ui_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retraining]:
-    """Run the ``retrain`` flow once (dense and cnn, one epoch at 40 px) against both servers."""
+def retraining(prefect_ui_process: Any, mlflow_server: Any, prefect_ui_server: Any,
+               tmp_path_factory: pytest.TempPathFactory) -> Retraining:
+    """Run the ``retrain`` flow once (dense and cnn, one epoch at 40 px) against both servers (started together)."""
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -67,7 +68,7 @@ def retraining(mlflow_server: Any, prefect_ui_server: Any, tmp_path_factory: pyt
     assert [c["status"] for c in result["candidates"]] == ["ok"] * len(CANDIDATES)
     assert result["decision"]["version"], result["decision"]
     experiment = MlflowClient(mlflow_server.uri).get_experiment_by_name(params.experiment)
-    yield Retraining(result, mlflow_server.uri, prefect_ui_server.api_url.removesuffix("/api"), experiment.experiment_id)
+    return Retraining(result, mlflow_server.uri, prefect_ui_server.api_url.removesuffix("/api"), experiment.experiment_id)
 
 
 def _js_number(value: float) -> str:

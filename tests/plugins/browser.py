@@ -3,8 +3,8 @@
 Fixtures:
     browser (session): a :class:`Browser` on a fresh profile; skips when no Chromium is found
         (fails instead when ``CI`` is set: CI installs it, see ``.ci/run``).
-    prefect_ui_server (module): a ``prefect server`` that also serves its web UI (the session's
-        ``prefect_server`` runs with the UI off).
+    prefect_ui_server (session): a ``prefect server`` that also serves its web UI (the session's
+        ``prefect_server`` runs with the UI off); ``prefect_ui_process`` starts it without waiting.
 
 Screenshots go to ``tests/.screenshots/`` (git-ignored) and are listed at the end of the run.
 Nothing is downloaded: playwright's pip wheel brings its driver, the browser is ``/usr/bin/chromium``.
@@ -101,6 +101,9 @@ def browser() -> Iterator[Browser]:
     except ImportError:
         pytest.skip("playwright is not installed (pip install -e '.[dev]')")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    (SCREENSHOTS / ".gitignore").write_text("*\n")  # never committed, like .pytest_cache
+    for stale in SCREENSHOTS.glob("*.png"):  # the folder shows this run's pages only
+        stale.unlink()
     with tempfile.TemporaryDirectory(prefix="pneumo-chromium-") as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS,
@@ -112,16 +115,19 @@ def browser() -> Iterator[Browser]:
             context.close()
 
 
-@pytest.fixture(scope="module")
-def prefect_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """A ``prefect server`` on 127.0.0.1 with its web UI at ``api_url`` minus ``/api``."""
+@pytest.fixture(scope="session")
+def prefect_ui_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A ``prefect server`` with its web UI, started but maybe not answering yet.
+
+    Request it before slower set-up (the MLflow server) so both start at once; then request
+    ``prefect_ui_server``, which waits for it.
+    """
     home = tmp_path_factory.mktemp("prefect-ui-home")
     port = free_port()
-    ui = {"PREFECT_UI_ENABLED": "true",
-          # The UI calls the API at this address; `--port` alone leaves it at :4200.
-          "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-          "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **ui}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+           # The UI calls the API at this address; `--port` alone leaves it at :4200.
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with log.open("wb") as sink:
@@ -130,10 +136,17 @@ def prefect_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pref
             stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True)
     server = PrefectServer(process, port, home, log)
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", process, timeout=180, log=log)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_ui_server(prefect_ui_process: PrefectServer) -> PrefectServer:
+    """A running ``prefect server`` on 127.0.0.1 with its web UI at ``api_url`` minus ``/api``."""
+    wait_http(f"{prefect_ui_process.api_url}/health", prefect_ui_process.process, timeout=180,
+              log=prefect_ui_process.log)
+    return prefect_ui_process
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
