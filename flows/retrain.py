@@ -95,6 +95,17 @@ def _failed(name: str, error: BaseException | str) -> Record:
             "test": {}, "validation": {}, "run_id": None}
 
 
+def _prepare_training_runtime(candidates: int) -> None:
+    """Start TensorFlow now, with thread pools sized for parallel candidates in this process.
+
+    Importing it here (seconds) keeps that cost out of the first training task's time, so the
+    tasks' times in Prefect match their MLflow runs.
+    """
+    from pneumo.train import configure_thread_pools
+
+    configure_thread_pools(concurrent_tasks=candidates)
+
+
 def _task_runner() -> Any:
     """Threads locally; a Dask cluster when PNEUMO_DASK_ADDRESS names its scheduler."""
     address = os.environ.get("PNEUMO_DASK_ADDRESS")
@@ -154,6 +165,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     logger = get_run_logger()
     params = params.resolved(Settings())
     check_tracking_server(params.tracking_uri)
+    _prepare_training_runtime(len(params.candidates))
 
     ingested = ingest(params.source)
     validated = validate_data(ingested["root"], ingested["manifest"], params)

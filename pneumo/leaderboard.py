@@ -89,6 +89,8 @@ def leaderboard_records(candidates: Sequence[Record], decision: Record | None, t
     frame["mlflow run"] = [_run_link(ui, run_ids[name]) for name in frame["model"]]
     frame = frame.rename(columns={column: f"test {column}" for column in COLUMNS[2:-2]} | {
         "score": "validation score", "threshold": "threshold (tuned on validation)"})
+    first = ["model", "status", "validation score"]  # what candidates are ranked by, up front
+    frame = frame[first + [column for column in frame.columns if column not in first]]
     return frame.astype(object).where(frame.notna(), None).to_dict("records")  # JSON has no NaN
 
 

@@ -16,6 +16,20 @@ def _metric(metrics: Mapping[str, float], key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
 
 
+def _calibration(logged: str | None) -> str:
+    """The calibration the served model applies, in words."""
+    import json
+
+    config = json.loads(logged) if logged else {}
+    method = config.get("method", "identity")
+    if method == "temperature":
+        return f"temperature-scaled (T = {config.get('temperature', 1.0):.3f}, fitted on validation)"
+    if method == "platt":
+        return (f"Platt-scaled (slope {1 / config.get('temperature', 1.0):.3f}, bias {config.get('bias', 0.0):.3f}, "
+                "fitted on validation)")
+    return "uncalibrated (calibration did not help on validation)"
+
+
 def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_metrics: Mapping[str, float],
                data_report: Mapping[str, Any] | None, source: str, fingerprint: str) -> str:
     """The card as Markdown (under :data:`MAX_DESCRIPTION` characters, so it fits a version description).
@@ -40,8 +54,8 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
         f"{run_params.get('image_size', '?')} RGB, 0..255 (decoded and resized by the served model).",
         f"- Parameters: {run_params.get('trainable_params', '?')} trainable, {run_params.get('non_trainable_params', '?')}"
         f" frozen; optimizer {run_params.get('optimizer', '?')} at {run_params.get('learning_rate', '?')}, "
-        f"{run_params.get('epochs_run', run_params.get('epochs', '?'))} epochs.",
-        f"- Output: calibrated probability of pneumonia ({run_params.get('calibration', 'see the model config')}); "
+        f"epochs run: {run_params.get('epochs_run', run_params.get('epochs', '?'))}.",
+        f"- Output: probability of pneumonia, {_calibration(run_params.get('calibration'))}; "
         f"label PNEUMONIA at probability ≥ {record['threshold']:.4f} (tuned on validation for recall ≥ "
         f"{run_params.get('recall_target', '?')}).",
         f"- Trained in candidate run `{record['run_id']}` of retraining `{record['parent_run_id']}`.",

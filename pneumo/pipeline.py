@@ -355,11 +355,11 @@ def train_and_log(
     import shutil
 
     from pneumo import tracking
-    from pneumo.train import limit_cpu_threads
+    from pneumo.train import configure_thread_pools
 
     started = time.time()
     if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
-        limit_cpu_threads(settings.tf_threads)
+        configure_thread_pools(1, intra_op=settings.tf_threads)
     out_dir = settings.home / "runs" / parent_run_id
     pending = out_dir / name / "pending"
     restored = _restore(pending)

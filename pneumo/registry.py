@@ -392,7 +392,9 @@ def _log_decision(client: Any, decision: Decision) -> None:
             RunTag("pneumo.promotion.version", decision.version or ""),
             RunTag("pneumo.promotion.candidate", decision.candidate),
             RunTag("pneumo.promotion.reason", decision.reason[:5000])]
-    metrics = [Metric("promotion.test_score", decision.evaluation.score, now, 0)]
+    # The selected candidate's score on the parent too: a folded runs table can sort retrainings by it.
+    metrics = [Metric("promotion.test_score", decision.evaluation.score, now, 0),
+               Metric(SCORE_METRIC, decision.validation_score, now, 0)]
     if decision.champion is not None:
         tags.append(RunTag("pneumo.promotion.champion_version", decision.champion.version or ""))
         metrics.append(Metric("promotion.champion_test_score", decision.champion.score, now, 0))

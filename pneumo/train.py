@@ -39,15 +39,25 @@ def gpu_count() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
-def limit_cpu_threads(intra_op: int, inter_op: int = 2) -> bool:
-    """Cap TensorFlow's CPU thread pools so parallel candidates do not oversubscribe the cores.
+def configure_thread_pools(concurrent_tasks: int, intra_op: int | None = None) -> bool:
+    """Size TensorFlow's CPU thread pools for ``concurrent_tasks`` trainings sharing this process.
 
-    TensorFlow fixes its pools when the runtime first starts, so this only works before any
-    op has run in the process; later calls change nothing and return False.
+    The intra-op pool (the threads that do the arithmetic) stays at every core by default: it is
+    shared by all threads of the process, so concurrent candidates keep the cores busy between
+    them, and one left alone still gets every core. The inter-op pool (threads that schedule ops
+    and wait on them) gets a few per task: a pool as small as the core count can starve when
+    several threads run loops such as the served model's parallel decode at once.
+    TensorFlow fixes its pools when its runtime starts, so this only works before any op has run
+    in the process; later calls change nothing and return False.
+
+    Args:
+        concurrent_tasks: trainings (threads) this process runs at once.
+        intra_op: cap on the arithmetic threads (several worker processes on one machine), else all cores.
     """
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, intra_op))
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, inter_op))
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, intra_op))
+        tf.config.threading.set_inter_op_parallelism_threads(max(4, 4 * concurrent_tasks))
         return True
     except RuntimeError:
         return False
