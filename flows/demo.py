@@ -26,12 +26,14 @@ DEMO_DEFAULTS = {
     # locked" traceback that reads like a failure; the demo needs neither.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow's INFO lines ("Validating input example ...") are for debugging
 }
 # Library messages a newcomer would take for failures; none of them is one here.
 QUIET_WARNINGS = (
     r"Hint: Inferred schema contains integer column",  # MLflow, about the manifest's label column
     r"Add type hints to the `predict` method",  # MLflow: our pyfunc validates its inputs itself
     r".*`shuffle=True` was passed",
+    r"Your input ran out of data",  # Keras, at the end of every epoch of a finite dataset
 )
 
 DEMO_SCALE = 0.12  # train/val: 626 train + 16 val images, about 2 minutes of the four models on 2 cores
@@ -68,7 +70,7 @@ def main() -> int:
         os.environ.setdefault(key, value)  # before Prefect/TensorFlow read their settings
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes while models are logged
     from pneumo.config import Settings
     from pneumo.errors import PneumoError
 

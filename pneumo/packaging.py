@@ -161,8 +161,11 @@ def log_keras_model(client: Any, run_id: str, model: Any, image_size: int) -> st
     Returns:
         The logged model's URI.
     """
+    import keras
     from mlflow.models import Model, infer_signature
 
+    # MLflow calls model.predict on the example; its progress bar would land in the flow's output.
+    keras.config.disable_interactive_logging()
     example = np.full((1, image_size, image_size, 3), 128.0, dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example), dtype=np.float32))
     info = Model.log(artifact_path=None, name=KERAS_MODEL_NAME, flavor=_KerasFlavor, run_id=run_id, model=model,
