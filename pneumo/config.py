@@ -46,10 +46,6 @@ class TrainConfig(_Strict):
         description="'imagenet' (Keras cache file), 'auto' (that file if present, else random), "
         "a path to the no-top .h5 file, or 'none'.",
     )
-    vgg16_learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="VGG16's learning rate when it starts from random weights "
-        "(the seed's 1e-5 is for fine-tuning ImageNet weights).",
-    )
 
     @field_validator("vgg16_weights")
     @classmethod

@@ -170,9 +170,10 @@ def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object)
     from keras import layers
 
     inputs, x = _inputs(image_size)
-    base = keras.applications.VGG16(
-        include_top=False, weights=resolve_vgg16_weights(weights), input_shape=(image_size, image_size, 3)
-    )
+    weights_file = resolve_vgg16_weights(weights)
+    base = keras.applications.VGG16(include_top=False, weights=weights_file, input_shape=(image_size, image_size, 3))
+    if weights_file is None:
+        _he_initialise(base)
     trainable = False
     for layer in base.layers:
         trainable = trainable or layer.name == VGG16_FIRST_TRAINABLE
@@ -183,6 +184,21 @@ def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object)
         x = layers.Dense(units, activation="relu")(x)
         x = layers.Dropout(0.3)(x)
     return keras.Model(inputs, _output(x), name="vgg16")
+
+
+def _he_initialise(base: keras.Model) -> None:
+    """He-uniform conv kernels for a VGG16 that starts from random weights.
+
+    Keras' default (Glorot) halves the activations at each ReLU layer, so after 13 convolutions
+    the features are ~5e-4 and every prediction sits within 1e-5 of 0.5: the model cannot learn.
+    He initialisation keeps the activations' scale through the ReLUs (He et al., 2015).
+    """
+    import keras
+
+    initializer = keras.initializers.HeUniform(seed=0)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            layer.kernel.assign(initializer(layer.kernel.shape))
 
 
 _OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}  # keras.optimizers classes

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from pneumo.config import TrainConfig
 from pneumo.errors import TrainingDiverged
-from pneumo.models import build_model, resolve_vgg16_weights
+from pneumo.models import build_model
 
 Log = Callable[[str], None]
 
@@ -81,13 +81,6 @@ class _EpochLog(keras.callbacks.Callback):
                   f"({time.perf_counter() - self._started:.1f}s)")
 
 
-def _learning_rate(name: str, config: TrainConfig) -> float | None:
-    """The configured override; VGG16 from random weights may have its own (its seed rate is for fine-tuning)."""
-    if name == "vgg16" and config.vgg16_learning_rate and resolve_vgg16_weights(config.vgg16_weights) is None:
-        return config.vgg16_learning_rate
-    return config.learning_rate
-
-
 def train_candidate(
     name: str,
     train_ds: tf.data.Dataset,
@@ -120,7 +113,7 @@ def train_candidate(
     gpus = gpu_count()
     mixed = bool(config.mixed_precision and gpus)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(name, config.image_size, learning_rate=_learning_rate(name, config),
+    model = build_model(name, config.image_size, learning_rate=config.learning_rate,
                         vgg16_weights=config.vgg16_weights, mixed_precision=mixed)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.TerminateOnNaN(), _EpochLog(name, config.epochs, log),
