@@ -104,7 +104,7 @@ def decision_markdown(decision: Record | None, candidates: int, tracking_uri: st
         return "# Promotion decision\n\nNo candidate succeeded: nothing was registered and no alias moved.\n"
     ui = ui_address(tracking_uri)
     name, version = decision["model_name"], decision.get("version")
-    registered = f"`{name}` version {version}" if version else f"`{name}` (not registered: dry run)"
+    registered = f"{name} version {version}" if version else f"{name} (not registered: dry run)"
     if ui and version:
         registered = f"[{registered}]({ui}/#/models/{name}/versions/{version})"
     metrics, intervals = decision.get("metrics") or {}, decision.get("intervals") or {}
