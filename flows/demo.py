@@ -31,7 +31,7 @@ DEMO_DEFAULTS = {
 # Library messages a newcomer would take for failures; none of them is one here.
 QUIET_WARNINGS = (
     r"Hint: Inferred schema contains integer column",  # MLflow, about the manifest's label column
-    r"Add type hints to the `predict` method",  # MLflow: our pyfunc validates its inputs itself
+    r".*Add type hints to the `predict` method",  # MLflow (colour codes first): our pyfunc checks its inputs
     r".*`shuffle=True` was passed",
     r"Your input ran out of data",  # Keras, at the end of every epoch of a finite dataset
 )
