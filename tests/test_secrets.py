@@ -45,8 +45,8 @@ def test_cli_errors_never_show_the_password(uri: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_retraining_stores_the_secret_nowhere(prefect_server, mlflow_server, unique_name, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_retraining_stores_the_secret_nowhere(prefect_server, prefect_api, mlflow_server, unique_name,
+                                                tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     source = tmp_path / "data"
@@ -80,9 +80,7 @@ def test_a_retraining_stores_the_secret_nowhere(prefect_server, mlflow_server, u
                 assert SECRET.encode() not in path.read_bytes(), path
         assert SECRET not in json.dumps(run.data.tags)
     # Prefect: the stored flow parameters, every log line and every artifact of the run.
-    for key, value in prefect_server.env.items():  # the Prefect client reads PREFECT_API_URL
-        monkeypatch.setenv(key, value)
-    asyncio.run(_check_prefect())
+    asyncio.run(_check_prefect())  # prefect_api points this process's client at the same server
 
 
 async def _check_prefect() -> None:
