@@ -248,7 +248,8 @@ def fit_calibrator(y_true: Sequence[int], y_prob: Sequence[float], method: str =
     temperature < Platt unless the richer one wins by more than :data:`AUTO_TOLERANCE`. On
     over-confidence alone temperature and Platt tie and temperature is kept; when the model's
     prior is also off (e.g. trained with class weights) Platt's bias wins; a model that is already
-    calibrated keeps the identity.
+    calibrated keeps the identity, and so does one whose chosen map would not lower its
+    validation ECE.
 
     Args:
         y_true: 0/1 validation labels.
@@ -265,13 +266,19 @@ def fit_calibrator(y_true: Sequence[int], y_prob: Sequence[float], method: str =
     positives = int(labels.sum())
     if min(positives, labels.size - positives) < MIN_PER_CLASS:
         return Calibrator.identity()
-    if method == "auto":
-        scores = cross_validated_nll(labels, probs)
-        method = METHODS[0]
-        for candidate in METHODS[1:]:
-            if scores[candidate] < scores[method] - AUTO_TOLERANCE:
-                method = candidate
-    return _FITTERS[method](labels, probs)
+    if method != "auto":
+        return _FITTERS[method](labels, probs)
+    scores = cross_validated_nll(labels, probs)
+    method = METHODS[0]
+    for candidate in METHODS[1:]:
+        if scores[candidate] < scores[method] - AUTO_TOLERANCE:
+            method = candidate
+    calibrator = _FITTERS[method](labels, probs)
+    # NLL and binned ECE can disagree on a small validation set; a map that does not lower the
+    # ECE it will be reported with has shown no benefit, so the raw probabilities are kept.
+    if expected_calibration_error(labels, calibrator.apply(probs)) >= expected_calibration_error(labels, probs):
+        return Calibrator.identity()
+    return calibrator
 
 
 def plot_reliability(

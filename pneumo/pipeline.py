@@ -308,9 +308,11 @@ def _intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, patients
 
 
 def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The successful candidate with the highest selection score (validation), if any."""
+    """The successful candidate with the highest selection score (validation), if any; ties go to
+    the higher validation ROC AUC, as in :func:`pneumo.runs.ranked_candidates`."""
     survivors = [r for r in results if r.status == "ok" and np.isfinite(r.score)]
-    return max(survivors, key=lambda r: r.score, default=None)
+    return max(survivors, key=lambda r: (r.score, np.nan_to_num(r.validation.get("roc_auc", np.nan), nan=-1.0)),
+               default=None)
 
 
 def _checkpoint(result: CandidateResult, run_id: str, folder: Path) -> None:

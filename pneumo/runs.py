@@ -10,6 +10,8 @@ from pneumo.errors import PromotionError, TrackingError
 from pneumo.mlflow_client import mlflow_client
 from pneumo.tracking import PARENT_RUN_TAG, SCORE_METRIC, TAG_FINGERPRINT, TAG_KIND, TAG_SERVING_MODEL, TAG_SOURCE
 
+TIE_BREAK_METRIC = "validation.roc_auc"
+
 
 def candidate_runs(parent_run_id: str, *, tracking_uri: str | None = None) -> list[Any]:
     """Finished candidate child runs of a retraining (failed ones excluded)."""
@@ -39,8 +41,13 @@ def ranked_candidates(parent_run_id: str, run_ids: Collection[str] | None = None
             and (run_ids is None or run.info.run_id in run_ids)]
     if not runs:
         raise PromotionError(f"retraining run {parent_run_id} has no finished candidate with a logged model")
-    # Ties go to the earlier-started run, so the choice is deterministic.
-    return sorted(runs, key=lambda run: (-run.data.metrics[SCORE_METRIC], run.info.start_time))
+    # A small validation set often gives several candidates the same score: ties go to the
+    # higher validation ROC AUC (threshold-free), then to the earlier-started run.
+    def rank(run: Any) -> tuple[float, float, int]:
+        auc = run.data.metrics.get(TIE_BREAK_METRIC, math.nan)
+        return -run.data.metrics[SCORE_METRIC], -auc if math.isfinite(auc) else math.inf, run.info.start_time
+
+    return sorted(runs, key=rank)
 
 
 def latest_retraining(experiment: str, *, tracking_uri: str | None = None) -> str:

@@ -17,7 +17,7 @@ from pneumo.config import Gate
 from pneumo.errors import PromotionError
 from pneumo.stats import Interval
 from pneumo.pipeline import TestSet, read_test_set
-from pneumo.runs import candidate_runs
+from pneumo.runs import TIE_BREAK_METRIC, candidate_runs, ranked_candidates
 from tests.plugins.mlflow_server import brightness_model, labelled_images, log_retraining, threshold_for
 
 FINGERPRINT = "f" * 64
@@ -357,6 +357,18 @@ def test_only_this_retrainings_working_candidates_compete(mlflow_uri, unique_nam
     decision = registry.promote(parent, test_set, gate=GATE, model_name=name, run_ids=list(trained.values()),
                                 tracking_uri=mlflow_uri)
     assert decision.candidate == "dense" and decision.promoted and decision.record()["skipped_candidates"]
+
+
+def test_a_tied_score_goes_to_the_higher_validation_auc(mlflow_uri, unique_name, model):
+    from mlflow import MlflowClient
+
+    parent = retraining(mlflow_uri, unique_name("exp"), model, {"cnn": (MID, 0.9), "vgg16": (MID, 0.9)})
+    ids = {run.data.tags["pneumo.candidate"]: run.info.run_id for run in candidate_runs(parent, tracking_uri=mlflow_uri)}
+    client = MlflowClient(mlflow_uri)
+    for candidate, auc in (("cnn", 0.90), ("vgg16", 0.97)):
+        client.log_metric(ids[candidate], TIE_BREAK_METRIC, auc)
+    assert [run.data.tags["pneumo.candidate"] for run in ranked_candidates(parent, tracking_uri=mlflow_uri)] == \
+        ["vgg16", "cnn"]
 
 
 def _lose_model_files(s3_server, mlflow_server, model_uri: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,13 @@ def test_failed_candidate_is_recorded_and_others_rank(small_dataset: Path, tmp_p
     assert best_candidate([failed]) is None
     table = leaderboard([failed, cnn_result])
     assert table["model"].tolist() == ["cnn", "vgg16"] and table["status"][1].startswith("failed")
+
+
+def test_a_tied_score_goes_to_the_higher_validation_auc(cnn_result) -> None:
+    # 97 validation images often give several candidates the same score (all at specificity 1.0).
+    weaker = dataclasses.replace(cnn_result, name="dense", validation={**cnn_result.validation, "roc_auc": 0.5})
+    stronger = dataclasses.replace(cnn_result, name="vgg16", validation={**cnn_result.validation, "roc_auc": 0.99})
+    assert best_candidate([weaker, stronger]) is stronger and best_candidate([stronger, weaker]) is stronger
 
 
 def test_short_subsets_fail_early_with_the_counts(small_dataset: Path) -> None:
