@@ -295,6 +295,10 @@ def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
 class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     """Keras model + calibration + tuned threshold + image size, behind MLflow's pyfunc interface."""
 
+    # Inputs come in several shapes (bytes, base64, arrays, DataFrames) that predict checks itself;
+    # MLflow's type-hint validation cannot express them, and without hints it warns on every load.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the Keras file (safe mode: no code in it runs) and read the model config.
 
