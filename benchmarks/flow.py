@@ -121,7 +121,7 @@ def measure(layout: str, params: Any, dask_worker_env: dict[str, str]) -> dict[s
     return {"wall": wall, "bodies": sum(result["task_seconds"].values()), "train_phase": phase_end - phase_start,
             "cpu_ratio": cpu.ratio(phase_start, phase_end), "tasks": result["task_seconds"],
             "statuses": {c["name"]: c["status"] for c in result["candidates"]},
-            "auc": {row["model"]: row["auc"] for row in result["leaderboard"]}}
+            "auc": {c["name"]: round(c["test"]["roc_auc"], 3) for c in trained}}
 
 
 def main() -> None:

@@ -364,6 +364,7 @@ def train_and_log(
         configure_thread_pools(1, intra_op=settings.tf_threads)
     out_dir = settings.home / "runs" / parent_run_id
     pending = out_dir / name / "pending"
+    weights = class_weights(manifest)
     restored = _restore(pending)
     if restored is not None:
         result, run_id = restored
@@ -371,12 +372,12 @@ def train_and_log(
     else:
         run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
         with materialized(manifest, params.source, settings) as root:  # held while training reads the files
-            data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
+            data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=weights)
             result = run_candidate(name, data, params.train, out_dir, score_weight=params.gate.score_weight, log=log)
         if result.status == "ok":
             _checkpoint(result, run_id, pending)
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
-                           class_weight=class_weights(manifest), tracking_uri=params.tracking_uri)
+                           class_weight=weights, tracking_uri=params.tracking_uri)
     shutil.rmtree(pending, ignore_errors=True)
     if result.status != "ok":
         raise CandidateFailed(f"{name}: {result.error} (MLflow run {run_id})")

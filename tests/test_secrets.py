@@ -91,7 +91,14 @@ async def _check_prefect(experiment: str) -> None:
         runs = await client.read_flow_runs(limit=200, sort="START_TIME_DESC")
         [flow_run] = [run for run in runs if experiment in json.dumps(run.parameters, default=str)]
         assert SECRET not in json.dumps(flow_run.parameters, default=str)
-        logs = await client.read_logs(LogFilter(flow_run_id={"any_": [flow_run.id]}), limit=200)
+        # The line naming the tracking server is where a leak would show; wait for the worker's logs to land.
+        for _ in range(60):
+            logs = await client.read_logs(LogFilter(flow_run_id={"any_": [flow_run.id]}), limit=200)
+            if any("MLflow parent run" in log.message for log in logs):
+                break
+            await asyncio.sleep(0.5)
+        [server_line] = [log.message for log in logs if "MLflow parent run" in log.message]
+        assert "127.0.0.1" in server_line
         assert not [log.message for log in logs if SECRET in log.message]
         artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
                                                 artifact_filter=ArtifactFilter())
