@@ -67,6 +67,7 @@ def test_a_tied_score_goes_to_the_higher_validation_auc(cnn_result) -> None:
     weaker = dataclasses.replace(cnn_result, name="dense", validation={**cnn_result.validation, "roc_auc": 0.5})
     stronger = dataclasses.replace(cnn_result, name="vgg16", validation={**cnn_result.validation, "roc_auc": 0.99})
     assert best_candidate([weaker, stronger]) is stronger and best_candidate([stronger, weaker]) is stronger
+    assert leaderboard([weaker, stronger])["model"].tolist() == ["vgg16", "dense"]  # shown in the order promoted
 
 
 def test_short_subsets_fail_early_with_the_counts(small_dataset: Path) -> None:
