@@ -43,7 +43,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from pneumo.data import make_dataset
+    from pneumo.data import make_dataset, validate_images
     from pneumo.storage import sync
     from pneumo.synthetic import generate_dataset
 
@@ -51,8 +51,8 @@ def main() -> None:
     if not (workdir / "chest_xray").is_dir():
         # Real-size images (900-2000 px wide, like the Kaggle JPEGs); scale sized to the image count.
         generate_dataset(workdir, seed=1, scale=args.images / 5856, image_kind="real")
-    frame = sync(workdir, None).frame
-    frame = frame[frame["split"] == "train"]
+    manifest = sync(workdir, None).frame
+    frame = validate_images(workdir, manifest[manifest["split"] == "train"]).frame  # adds width/height
     n = len(frame)
     mean_width = frame["width"].mean()
     print(f"{n} train JPEGs, mean width {mean_width:.0f} px, target {args.size}px, batch {args.batch_size}, "

@@ -37,7 +37,7 @@ QUIET_WARNINGS = (
     r"Your input ran out of data",  # Keras, at the end of every epoch of a finite dataset
 )
 
-DEMO_SCALE = 0.08  # train + official val: 421 images, ~300 CPU-seconds for the four models at 48 px
+DEMO_SCALE = 0.08  # train + official val: 421 images; ~340 CPU-seconds to train the four models at 48 px
 DEMO_TEST_SCALE = 0.4  # test: 250 images, enough for a decision with intervals to mean something
 
 
