@@ -95,17 +95,6 @@ def _failed(name: str, error: BaseException | str) -> Record:
             "test": {}, "validation": {}, "run_id": None}
 
 
-def _prepare_training_runtime(candidates: int) -> None:
-    """Start TensorFlow now, with thread pools sized for parallel candidates in this process.
-
-    Importing it here (seconds) keeps that cost out of the first training task's time, so the
-    tasks' times in Prefect match their MLflow runs.
-    """
-    from pneumo.train import configure_thread_pools
-
-    configure_thread_pools(concurrent_tasks=candidates)
-
-
 def _task_runner() -> Any:
     """Threads locally; a Dask cluster when PNEUMO_DASK_ADDRESS names its scheduler."""
     address = os.environ.get("PNEUMO_DASK_ADDRESS")
@@ -130,7 +119,7 @@ def _submit_candidates(params: RetrainParams, manifest: list[Record], parent_run
 
 
 def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run_id: str,
-                       report: Record) -> tuple[list[Record], Record | None]:
+                       report: Record) -> tuple[list[Record], Record | None, list[Record]]:
     """Train every candidate in parallel, promote the best survivor, publish the Prefect artifacts."""
     logger = get_run_logger()
     futures = _submit_candidates(params, manifest, parent_run_id, report)
@@ -152,7 +141,7 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
     create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
                           "threshold; score = recall-weighted mean on validation")
     create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri), key="promotion-decision")
-    return candidates, decision
+    return candidates, decision, rows
 
 
 @flow(name="retrain", task_runner=_task_runner(), log_prints=True)
@@ -165,7 +154,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     logger = get_run_logger()
     params = params.resolved(Settings())
     check_tracking_server(params.tracking_uri)
-    _prepare_training_runtime(len(params.candidates))
+    # TensorFlow starts now (seconds), with thread pools sized for parallel candidates: that cost
+    # stays out of the first training task, so task times in Prefect match their MLflow runs.
+    from pneumo.train import configure_thread_pools
+
+    configure_thread_pools(concurrent_tasks=len(params.candidates))
 
     ingested = ingest(params.source)
     validated = validate_data(ingested["root"], ingested["manifest"], params)
@@ -177,7 +170,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     logger.info("MLflow parent run %s on %s", parent_run_id, redact(params.tracking_uri))
 
     try:
-        candidates, decision = _train_and_promote(params, validated["manifest"], parent_run_id, report)
+        candidates, decision, rows = _train_and_promote(params, validated["manifest"], parent_run_id, report)
     except BaseException as error:  # every way out closes the parent run, never leaving it RUNNING
         tracking.finish_retraining(parent_run_id, status="FAILED", error=str(error) or type(error).__name__,
                                    tracking_uri=params.tracking_uri)
@@ -190,6 +183,5 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     timings = {"ingest": ingested["seconds"], "validate-data": validated["seconds"],
                **{f"train-{c['name']}": c["finished"] - c["started"] for c in survivors},
                "select-and-promote": decision["seconds"] if decision else 0.0}
-    rows = leaderboard_records(candidates, decision, params.tracking_uri)
     return {"parent_run_id": parent_run_id, "fingerprint": ingested["fingerprint"], "leaderboard": rows,
             "decision": decision, "candidates": candidates, "task_seconds": timings}

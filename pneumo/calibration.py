@@ -51,13 +51,7 @@ def reliability_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin of predicted PNEUMONIA probability: mean prediction, observed rate, count.
 
-    Args:
-        y_true: 0/1 labels.
-        y_prob: predicted PNEUMONIA probabilities.
-        bins: number of equal-width bins over [0, 1]; a probability of exactly 1 joins the last.
-
-    Returns:
-        ``(mean_predicted, fraction_positive, counts)``, each of length ``bins``; empty bins hold NaN.
+    A probability of exactly 1 joins the last bin; empty bins hold NaN.
     """
     labels, probs = _arrays(y_true, y_prob)
     index = np.minimum((probs * bins).astype(int), bins - 1)
@@ -156,19 +150,18 @@ def _nll(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, scores) - targets * scores))
 
 
-def _platt_targets(labels: np.ndarray) -> np.ndarray:
-    """Platt's (1999) smoothed targets (N₊+1)/(N₊+2) and 1/(N₋+2).
+def _fit_inputs(y_true: Sequence[int], y_prob: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Logits and Platt's (1999) smoothed targets (N₊+1)/(N₊+2) and 1/(N₋+2); None for a single class.
 
-    Without them a validation set the model separates perfectly drives the fitted temperature to
-    zero and every calibrated probability to exactly 0 or 1; with them the fit stays finite.
+    Without the smoothing a validation set the model separates perfectly drives the fitted temperature
+    to zero and every calibrated probability to exactly 0 or 1; with it the fit stays finite.
     """
+    labels, probs = _arrays(y_true, y_prob)
     positives = int(labels.sum())
     negatives = labels.size - positives
-    return np.where(labels == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
-
-
-def _single_class(labels: np.ndarray) -> bool:
-    return labels.min() == labels.max()
+    if not positives or not negatives:
+        return None
+    return _logit(probs), np.where(labels == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
 
 
 def fit_temperature(y_true: Sequence[int], y_prob: Sequence[float]) -> Calibrator:
@@ -176,10 +169,9 @@ def fit_temperature(y_true: Sequence[int], y_prob: Sequence[float]) -> Calibrato
 
     Returns the identity when the labels hold a single class (nothing to fit).
     """
-    labels, probs = _arrays(y_true, y_prob)
-    if _single_class(labels):
+    if (inputs := _fit_inputs(y_true, y_prob)) is None:
         return Calibrator.identity()
-    logits, targets = _logit(probs), _platt_targets(labels)
+    logits, targets = inputs
     # NLL is unimodal in log T; bounded Brent needs no gradient and cannot step outside [0.01, 100].
     result = minimize_scalar(lambda log_t: _nll(logits * np.exp(-log_t), targets),
                              bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
@@ -191,10 +183,9 @@ def fit_platt(y_true: Sequence[int], y_prob: Sequence[float]) -> Calibrator:
 
     Returns the identity when the labels hold a single class (nothing to fit).
     """
-    labels, probs = _arrays(y_true, y_prob)
-    if _single_class(labels):
+    if (inputs := _fit_inputs(y_true, y_prob)) is None:
         return Calibrator.identity()
-    logits, targets = _logit(probs), _platt_targets(labels)
+    logits, targets = inputs
 
     def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
         scale = np.exp(params[0])
@@ -209,26 +200,16 @@ def fit_platt(y_true: Sequence[int], y_prob: Sequence[float]) -> Calibrator:
     return Calibrator("platt", float(np.exp(-log_scale)), float(bias))
 
 
-_FITTERS = {
-    "identity": lambda labels, probs: Calibrator.identity(),
-    "temperature": fit_temperature,
-    "platt": fit_platt,
-}
+_FITTERS = {"identity": lambda labels, probs: Calibrator.identity(), "temperature": fit_temperature, "platt": fit_platt}
 
 
 def cross_validated_nll(
     y_true: Sequence[int], y_prob: Sequence[float], folds: int = CV_FOLDS, seed: int = 0
 ) -> dict[str, float]:
-    """Out-of-fold NLL of each method in :data:`METHODS`: fit on k−1 folds, score the held-out one.
+    """Mean out-of-fold NLL per image (nats) of each method in :data:`METHODS`, keyed by method.
 
-    Args:
-        y_true: 0/1 validation labels; each class needs at least ``folds`` images.
-        y_prob: raw validation probabilities.
-        folds: stratified folds (fixed shuffle, so the result is deterministic).
-        seed: shuffle seed.
-
-    Returns:
-        Mean held-out NLL per image (nats) for each method, keyed by method name.
+    Fits on k−1 stratified folds (seeded shuffle, so deterministic) and scores the held-out one;
+    each class needs at least ``folds`` images.
     """
     labels, probs = _arrays(y_true, y_prob)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -249,16 +230,8 @@ def fit_calibrator(y_true: Sequence[int], y_prob: Sequence[float], method: str =
     over-confidence alone temperature and Platt tie and temperature is kept; when the model's
     prior is also off (e.g. trained with class weights) Platt's bias wins; a model that is already
     calibrated keeps the identity, and so does one whose chosen map would not lower its
-    validation ECE.
-
-    Args:
-        y_true: 0/1 validation labels.
-        y_prob: raw validation probabilities of PNEUMONIA.
-        method: ``"auto"`` or one of :data:`METHODS`.
-
-    Returns:
-        The fitted calibrator; the identity whenever either class has fewer than
-        :data:`MIN_PER_CLASS` images (a single class or a tiny validation set).
+    validation ECE. Any method gives the identity when either class has fewer than
+    :data:`MIN_PER_CLASS` images (a single class or a tiny validation set).
     """
     if method != "auto" and method not in METHODS:
         raise ValueError(f"calibration method must be 'auto' or one of {', '.join(METHODS)}, got {method!r}")
@@ -290,8 +263,7 @@ def plot_reliability(
     bins: int = ECE_BINS,
 ) -> Path:
     """Reliability diagram PNG, raw vs calibrated, with each one's ECE and Brier, over a histogram."""
-    plt = _figure()
-    fig, (curve, histogram) = plt.subplots(2, 1, figsize=(4.5, 6), height_ratios=(3, 1), sharex=True)
+    fig, (curve, histogram) = _figure().subplots(2, 1, figsize=(4.5, 6), height_ratios=(3, 1), sharex=True)
     curve.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     edges = np.linspace(0, 1, bins + 1)
     for name, probs, marker in (("raw", prob_before, "o"), ("calibrated", prob_after, "s")):
@@ -301,12 +273,7 @@ def plot_reliability(
                  f"Brier {brier_score(y_true, probs):.3f}")
         curve.plot(mean_predicted[filled], fraction_positive[filled], marker=marker, label=label)
         histogram.stairs(counts, edges, label=name)
-    curve.set_xlim(0, 1)
-    curve.set_ylim(0, 1)
-    curve.set_ylabel("observed PNEUMONIA rate")
-    curve.set_title(title)
+    curve.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed PNEUMONIA rate", title=title)
     curve.legend(loc="upper left", fontsize="small")
-    histogram.set_xlabel("predicted PNEUMONIA probability")
-    histogram.set_ylabel("images")
-    histogram.set_yscale("symlog")
+    histogram.set(xlabel="predicted PNEUMONIA probability", ylabel="images", yscale="symlog")
     return _save(fig, path)

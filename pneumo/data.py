@@ -51,12 +51,8 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> tuple[int, int] 
     are then decoded in draft mode (DCT scaling to about 1/8), which still walks every
     compressed block and so still catches truncated files, at a fraction of the cost.
 
-    Args:
-        path: the image file.
-        max_pixels: the pixel cap; None reads :func:`pneumo.decode.max_image_pixels` now.
-
-    Returns:
-        ``(width, height)`` of a good image, otherwise the reason it is bad.
+    Returns ``(width, height)`` of a good image, otherwise the reason it is bad. ``max_pixels``
+    None reads :func:`pneumo.decode.max_image_pixels` now.
     """
     cap = max_image_pixels() if max_pixels is None else max_pixels
     try:
@@ -101,17 +97,10 @@ def validate_images(
     workers: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckedImages:
-    """Decode-check every image of an ingested manifest frame.
+    """Decode-check every image of an ingested manifest frame, on ``workers`` threads (PIL releases the GIL).
 
-    Args:
-        root: folder the frame's paths are relative to.
-        frame: manifest rows (:data:`pneumo.storage.MANIFEST_COLUMNS`).
-        workers: threads decoding images (PIL releases the GIL while decoding).
-        progress: called with (done, total).
-
-    Returns:
-        The good rows, with ``width`` and ``height`` added, and the bad ones with their reasons
-        (among them images over the ``PNEUMO_MAX_IMAGE_PIXELS`` cap).
+    Returns the good rows with ``width`` and ``height`` added, and the bad ones with their reasons
+    (among them images over the ``PNEUMO_MAX_IMAGE_PIXELS`` cap).
     """
     cap = max_image_pixels()  # once, so a bad setting fails here rather than once per image
     verdicts: list[tuple[int, int] | str] = []
@@ -136,15 +125,8 @@ def assign_subsets(frame: pd.DataFrame, val_fraction: float = 0.15, seed: int = 
     The official ``val`` split (16 images) is too small to choose models or thresholds, so its
     images join the train pool before a validation set is carved out. The carve is stratified by
     class and grouped by patient: a patient's images all land on one side, so validation scores
-    are not inflated by near-duplicate views of a training patient.
-
-    Args:
-        frame: a manifest frame (``split``, ``label``, ``patient_id`` columns).
-        val_fraction: share of each class's train-pool images to hold out.
-        seed: makes the carve reproducible.
-
-    Returns:
-        A copy of ``frame`` with the ``subset`` column.
+    are not inflated by near-duplicate views of a training patient. ``val_fraction`` is the share
+    of each class's train-pool images held out; ``seed`` makes the carve reproducible.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -219,18 +201,8 @@ def make_dataset(
     reads and decodes files. An image that fails to decode here (it passed the manifest's check,
     so this is rare) is dropped with a warning instead of stopping training; so is one whose
     header claims more pixels than ``PNEUMO_MAX_IMAGE_PIXELS`` (read when the pipeline is built),
-    before it is decoded.
-
-    Args:
-        root: folder the manifest paths are relative to.
-        paths: manifest paths of this subset.
-        labels: 0 NORMAL / 1 PNEUMONIA per path.
-        image_size: side of the square model input.
-        batch_size: images per batch.
-        training: shuffle and augment (train subset only).
-        augment: apply the seed's augmentation when training.
-        seed: shuffle/augmentation seed.
-        cache: True caches in memory, a string caches to that file prefix, False disables.
+    before it is decoded. ``training`` shuffles and (with ``augment``) augments; ``cache`` True
+    caches in memory, a string to that file prefix, False not at all.
 
     Returns:
         Batches of ``(float32 [b, size, size, 3] in 0..255, float32 [b] labels)``.

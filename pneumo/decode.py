@@ -27,17 +27,9 @@ _JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI carry 
 
 # ----------------------------------------------------------------------------- settings
 def env_limit(name: str, default: int) -> int:
-    """A positive integer setting read from the environment now (never at import).
+    """A positive integer setting read from the environment now (never at import); ``default`` when unset or empty.
 
-    Args:
-        name: the environment variable.
-        default: the value when it is unset or empty.
-
-    Returns:
-        The setting.
-
-    Raises:
-        ConfigError: the variable is set to something other than a positive integer.
+    Raises ConfigError when it is set to anything else.
     """
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -45,7 +37,7 @@ def env_limit(name: str, default: int) -> int:
     try:
         value = int(raw)  # accepts 50_000_000 too
     except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
+        value = 0
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
     return value
@@ -57,14 +49,6 @@ def max_image_pixels() -> int:
 
 
 # ----------------------------------------------------------------------------- headers
-def _png_size(stream: BinaryIO) -> tuple[int, int] | None:
-    """Width and height from the IHDR chunk, which the PNG format requires to come first."""
-    header = stream.read(24)
-    if len(header) < 24 or header[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-
-
 def _jpeg_size(stream: BinaryIO) -> tuple[int, int] | None:
     """Width and height from the first frame header, skipping other segments by their length."""
     stream.seek(2)  # past SOI
@@ -90,25 +74,18 @@ def _jpeg_size(stream: BinaryIO) -> tuple[int, int] | None:
 
 
 def header_size(data: bytes | BinaryIO) -> tuple[int, int] | None:
-    """``(width, height)`` a PNG or JPEG claims in its header, reading no pixel data.
+    """``(width, height)`` a PNG or JPEG (bytes or a seekable stream) claims in its header; None if unreadable.
 
-    Cheap and independent of Pillow's global bomb limit, so a size can be refused before any
-    decoder allocates memory for it.
-
-    Args:
-        data: the encoded image, or a seekable binary stream over it (read from offset 0).
-
-    Returns:
-        The claimed size, or None when the data is not a PNG/JPEG with a readable header.
+    Reads no pixel data and ignores Pillow's bomb limit, so a size can be refused before any decoder
+    allocates memory for it.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    start = stream.read(8)
-    stream.seek(0)
-    if start.startswith(PNG_MAGIC):
-        return _png_size(stream)
-    if start.startswith(JPEG_MAGIC):
-        return _jpeg_size(stream)
-    return None
+    header = stream.read(24)
+    if header.startswith(PNG_MAGIC):  # the IHDR chunk, which the PNG format requires to come first
+        if len(header) < 24 or header[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    return _jpeg_size(stream) if header.startswith(JPEG_MAGIC) else None
 
 
 def pixel_cap_reason(width: int, height: int, max_pixels: int) -> str | None:
@@ -121,11 +98,7 @@ def pixel_cap_reason(width: int, height: int, max_pixels: int) -> str | None:
 
 
 def decoded_pixels(data: bytes, image_size: int) -> int:
-    """Pixels :func:`decode_image` decodes for these bytes before resizing (0: unreadable header).
-
-    JPEGs are decoded at the DCT scale :func:`_dct_ratio` picks, so a large JPEG costs far fewer
-    pixels than its header claims; PNGs are decoded at full size.
-    """
+    """Pixels :func:`decode_image` decodes before resizing: JPEGs at its DCT scale, PNGs in full (0: bad header)."""
     claimed = header_size(data)
     if claimed is None:
         return 0
@@ -137,81 +110,45 @@ def decoded_pixels(data: bytes, image_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- TensorFlow decode
-def _dct_ratio(short_side: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Largest JPEG DCT scale-down (1, 2, 4, 8) that keeps the short side ≥ the target size."""
-    import tensorflow as tf
-
-    ratio = tf.constant(1, tf.int32)
-    for candidate in _DCT_RATIOS:
-        ratio = tf.where(short_side // candidate >= image_size, candidate, ratio)
-    return ratio
-
-
-def _png_header_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Height and width (int64) from a PNG's IHDR chunk (big-endian, bytes 16..23).
-
-    A file too short to hold them fails on the indexing below, which fails the element too.
-    """
-    import tensorflow as tf
-
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int64)
-
-    def number(offset: int) -> tf.Tensor:
-        return ((raw[offset] * 256 + raw[offset + 1]) * 256 + raw[offset + 2]) * 256 + raw[offset + 3]
-
-    return number(4), number(0)
-
-
-def _within_cap(height: tf.Tensor, width: tf.Tensor, max_pixels: tf.Tensor) -> tf.Operation:
-    """An assertion that fails the element (before any decode) when the header claims too many pixels."""
-    import tensorflow as tf
-
-    pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
-    return tf.debugging.assert_less_equal(
-        pixels, max_pixels, message=f"image pixels exceed the cap ({MAX_IMAGE_PIXELS_ENV})")
-
-
 def decode_image(encoded: tf.Tensor | bytes, image_size: int,
                  max_pixels: int | tf.Tensor | None = None) -> tf.Tensor:
     """Decode JPEG/PNG bytes of any mode to a ``[size, size, 3]`` float32 tensor of 0..255 integers.
 
-    This is the only preprocessing before the model (rescaling lives inside the model), shared by
-    training, evaluation and the served model so they see identical numbers. Large JPEGs are
-    decoded at a reduced DCT scale that still exceeds the target size, which is several times
-    faster than a full decode followed by a resize. Values are rounded to integers so the
-    pipeline can cache them as uint8 without changing them.
-
-    An image whose header claims more than ``max_pixels`` pixels, or that is neither JPEG nor
-    PNG, fails with ``InvalidArgumentError`` before anything is decoded (a tf.data pipeline with
-    ``ignore_errors`` then drops it).
-
-    Args:
-        encoded: the file's bytes (scalar string tensor or Python bytes).
-        image_size: side of the square output.
-        max_pixels: the pixel cap; None reads :func:`max_image_pixels` now (for a tf.data map,
-            when the pipeline is built).
+    Shared by training, evaluation and serving so they see identical numbers. Large JPEGs are decoded
+    at a reduced DCT scale (several times faster); values are rounded so they cache as uint8 unchanged.
+    An image over ``max_pixels`` (None: :func:`max_image_pixels`, read now) or neither JPEG nor PNG
+    fails with ``InvalidArgumentError`` before anything is decoded.
     """
     import tensorflow as tf
 
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
     cap = tf.cast(max_image_pixels() if max_pixels is None else max_pixels, tf.int64)
 
+    def within_cap(height: tf.Tensor, width: tf.Tensor) -> Any:
+        """A context in which ops run only after the header's claimed size passed the cap."""
+        pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+        message = f"image pixels exceed the cap ({MAX_IMAGE_PIXELS_ENV})"
+        return tf.control_dependencies([tf.debugging.assert_less_equal(pixels, cap, message=message)])
+
     def jpeg() -> tf.Tensor:
         shape = tf.image.extract_jpeg_shape(encoded)
-        with tf.control_dependencies([_within_cap(shape[0], shape[1], cap)]):
-            ratio = _dct_ratio(tf.minimum(shape[0], shape[1]), image_size)
+        with within_cap(shape[0], shape[1]):
+            short_side = tf.minimum(shape[0], shape[1])
 
             # The fast integer IDCT differs from the accurate one by about one grey level, far below
             # what the resize to the model's size keeps; it is measurably faster on 2 cores.
             def decode(r: int) -> tf.Tensor:
                 return tf.io.decode_jpeg(encoded, channels=3, ratio=r, dct_method="INTEGER_FAST")
 
-            branches = [(tf.equal(ratio, r), lambda r=r: decode(r)) for r in (8, 4, 2)]
+            # The largest DCT scale-down that keeps the short side ≥ the target size (the first true case).
+            branches = [(short_side // r >= image_size, lambda r=r: decode(r)) for r in reversed(_DCT_RATIOS)]
             return tf.case(branches, default=lambda: decode(1))
 
     def png() -> tf.Tensor:
-        height, width = _png_header_size(encoded)
-        with tf.control_dependencies([_within_cap(height, width, cap)]):
+        # Width and height from the IHDR chunk (big-endian); a file too short for them fails the element.
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int64)
+        width, height = tf.unstack(tf.reduce_sum(tf.reshape(raw, [2, 4]) * [2**24, 2**16, 2**8, 1], axis=1))
+        with within_cap(height, width):
             return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
 
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC)
@@ -229,12 +166,10 @@ def decode_image(encoded: tf.Tensor | bytes, image_size: int,
 
 @functools.lru_cache(maxsize=8)
 def batch_decoder(image_size: int) -> Any:
-    """A traced-once TensorFlow function mapping :func:`decode_image` over a batch of encoded images.
+    """A traced-once function ``(encoded [n] string, max_pixels int64) →`` :func:`decode_image` of each, in parallel.
 
-    Building a tf.data pipeline per request would retrace ``decode_image`` every call (hundreds
-    of ms); this graph is traced once per image size and decodes the items in parallel. It takes
-    ``(encoded [n] string, max_pixels int64 scalar)``: the cap is an argument, not baked into
-    the trace, so a changed setting applies to the next call.
+    A tf.data pipeline per request would retrace every call (hundreds of ms); the cap is an argument,
+    not baked into the trace, so a changed setting applies to the next call.
     """
     import tensorflow as tf
 

@@ -32,6 +32,16 @@ class TrackingError(PneumoError):
     """The MLflow tracking server is unreachable or misconfigured (message names the URI)."""
 
 
+class CandidateLoggingError(TrackingError):
+    """Logging a trained candidate failed; worth retrying, since the trained model is kept on disk."""
+
+    transient = True
+
+
+class CandidateFailed(PneumoError):
+    """A candidate did not produce a model (diverged, bad weights file, out of memory...)."""
+
+
 class ServingError(PneumoError):
     """The served model got an input it cannot score (message names the offending item)."""
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve, precision_recall_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pneumo.layout import CLASSES
 
@@ -17,8 +17,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def f_beta(precision: float, recall: float, beta: float) -> float:
     """F-beta score; beta > 1 weighs recall more (F2 counts a missed pneumonia 4× a false alarm)."""
-    denominator = beta**2 * precision + recall
-    return _ratio((1 + beta**2) * precision * recall, denominator)
+    return _ratio((1 + beta**2) * precision * recall, beta**2 * precision + recall)
 
 
 def confusion_metrics(tn: int, fp: int, fn: int, tp: int) -> dict[str, float]:
@@ -78,9 +77,6 @@ def tune_threshold(y_true: Sequence[int], y_prob: Sequence[float], recall_target
     candidate threshold (an observed probability) that still meets the target. Lowering the
     threshold to the smallest pneumonia probability always reaches any target, so the only
     fallback is data without both classes: then 0.5 is returned with ``reached=False``.
-
-    Returns:
-        ``(threshold, reached)``.
     """
     labels, probs = _as_arrays(y_true, y_prob)
     if len(np.unique(labels)) < 2:
@@ -89,8 +85,7 @@ def tune_threshold(y_true: Sequence[int], y_prob: Sequence[float], recall_target
     # Predicting positives at prob ≥ t keeps every positive with prob ≥ t: the k-th largest
     # positive probability is the largest threshold with k true positives.
     needed = int(np.ceil(recall_target * positives.size - 1e-9))
-    threshold = float(positives[max(needed, 1) - 1])
-    return threshold, True
+    return float(positives[max(needed, 1) - 1]), True
 
 
 def selection_score(recall: float, specificity: float, weight: float = 2.0) -> float:
@@ -111,63 +106,52 @@ def _figure():  # matplotlib's default backend may want a display; Agg never doe
 
 def plot_confusion_matrix(metrics: Mapping[str, float], path: Path, title: str = "") -> Path:
     """Confusion matrix PNG with counts, rows = true class, columns = predicted class."""
-    plt = _figure()
     matrix = np.array([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]])
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = _figure().subplots(figsize=(4, 4))
     ax.imshow(matrix, cmap="Blues")
     for (row, col), count in np.ndenumerate(matrix):
         ax.text(col, row, int(count), ha="center", va="center",
                 color="white" if count > matrix.max() / 2 else "black")
     ax.set_xticks([0, 1], CLASSES)
     ax.set_yticks([0, 1], CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or f"threshold {metrics.get('threshold', 0.5):.3f}")
+    ax.set(xlabel="predicted", ylabel="true", title=title or f"threshold {metrics.get('threshold', 0.5):.3f}")
     return _save(fig, path)
 
 
 def plot_roc(y_true: Sequence[int], y_prob: Sequence[float], path: Path, title: str = "ROC") -> Path:
     """ROC curve PNG with its AUC."""
-    plt = _figure()
     labels, probs = _as_arrays(y_true, y_prob)
     fpr, tpr, _ = roc_curve(labels, probs)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = _figure().subplots(figsize=(4, 4))
     ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(labels, probs):.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (recall)")
-    ax.set_title(title)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (recall)", title=title)
     ax.legend(loc="lower right")
     return _save(fig, path)
 
 
 def plot_pr(y_true: Sequence[int], y_prob: Sequence[float], path: Path, title: str = "Precision-recall") -> Path:
     """Precision-recall curve PNG with average precision."""
-    plt = _figure()
     labels, probs = _as_arrays(y_true, y_prob)
     precision, recall, _ = precision_recall_curve(labels, probs)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = _figure().subplots(figsize=(4, 4))
     ax.plot(recall, precision, label=f"AP {average_precision_score(labels, probs):.3f}")
     ax.axhline(labels.mean(), linestyle="--", color="grey", label="always PNEUMONIA")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
+    ax.set(xlabel="recall", ylabel="precision", title=title)
     ax.legend(loc="lower left")
     return _save(fig, path)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: Path, title: str = "Training") -> Path:
     """Per-epoch training vs validation curves (loss and every tracked metric) as one PNG."""
-    plt = _figure()
     names = [key for key in history if not key.startswith("val_")]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    fig, axes = _figure().subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
         epochs = range(1, len(history[name]) + 1)
         ax.plot(epochs, history[name], label="train")
         if f"val_{name}" in history:
             ax.plot(epochs, history[f"val_{name}"], label="validation")
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
+        ax.set(title=name, xlabel="epoch")
         ax.legend()
     fig.suptitle(title)
     return _save(fig, path)

@@ -30,12 +30,10 @@ def _chain(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.layers
     """The model's layers in order, nested models expanded, each with its ``outer/inner`` path."""
     chain = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
         path = f"{prefix}{layer.name}"
         if isinstance(layer, keras.Model):
             chain.extend(_chain(layer, prefix=f"{path}/"))
-        else:
+        elif not isinstance(layer, keras.layers.InputLayer):
             chain.append((path, layer))
     return chain
 
@@ -44,10 +42,6 @@ def last_conv_layer(model: keras.Model) -> str | None:
     """Path of the last 2-D convolution, e.g. ``"conv2d_3"`` or ``"vgg16/block5_conv3"``; None for dense."""
     convolutions = [path for path, layer in _chain(model) if isinstance(layer, keras.layers.Conv2D)]
     return convolutions[-1] if convolutions else None
-
-
-def _is_sigmoid_head(layer: keras.layers.Layer) -> bool:
-    return isinstance(layer, keras.layers.Dense) and layer.activation is keras.activations.sigmoid
 
 
 def _replay(chain: list[tuple[str, keras.layers.Layer]], x: keras.KerasTensor) -> keras.KerasTensor:
@@ -59,18 +53,16 @@ def _replay(chain: list[tuple[str, keras.layers.Layer]], x: keras.KerasTensor) -
 def _split(model: keras.Model, layer_path: str | None) -> tuple[keras.Model | None, keras.Model]:
     """``image → activations`` and ``activations → PNEUMONIA logit`` models sharing ``model``'s weights.
 
-    The layers of ``model`` (and of any model nested in it, such as the VGG16 base) are called
-    again on fresh inputs: a nested layer's own ``.output`` lives in the base's graph and cannot
-    be wired to the outer input, but a replayed chain reaches inside the base. The sigmoid head is
-    applied without its activation, because a saturated float32 sigmoid has zero gradient. With
-    ``layer_path=None`` there is no feature model and the logit model takes the image.
+    The layers are called again on fresh inputs: a nested layer's own ``.output`` lives in the
+    nested base's graph, but a replayed chain reaches inside it. The head skips its sigmoid, whose
+    gradient is zero when saturated. With ``layer_path=None`` the logit model takes the image.
     """
     chain = _chain(model)
     paths = [path for path, _ in chain]
     if layer_path is not None and layer_path not in paths[:-1]:
         raise ValueError(f"{model.name} has no layer {layer_path!r} before its output layer")
     head = chain[-1][1]
-    if not _is_sigmoid_head(head):
+    if not isinstance(head, keras.layers.Dense) or head.activation is not keras.activations.sigmoid:
         raise ValueError(f"{model.name} does not end in a sigmoid Dense layer")
     cut = paths.index(layer_path) + 1 if layer_path is not None else 0
     image = keras.Input(shape=model.input_shape[1:], name="image")
@@ -91,17 +83,8 @@ def _split(model: keras.Model, layer_path: str | None) -> tuple[keras.Model | No
 def gradcam_model(model: keras.Model, layer_path: str | None = None) -> keras.Model:
     """A functional model ``image → [activations of layer_path, PNEUMONIA logit]`` sharing ``model``'s weights.
 
-    Works through nested models: for vgg16 the activations are those of ``vgg16/block5_conv3``
-    inside the nested base. (:func:`heatmaps` uses the two halves separately so that the gradient
-    tape records only the layers after ``layer_path``.)
-
-    Args:
-        model: a linear chain of layers ending in a 1-unit sigmoid Dense (all of pneumo.models).
-        layer_path: layer whose activations to return; :func:`last_conv_layer` by default.
-
-    Raises:
-        ValueError: no such layer (or no convolution to default to), no sigmoid head, or the
-            replayed chain does not reproduce ``model``'s output (the model is not a plain chain).
+    ``layer_path`` defaults to :func:`last_conv_layer` and may be nested (``vgg16/block5_conv3``).
+    Raises ValueError for no such layer, no sigmoid head, or a model that is not a plain chain.
     """
     layer_path = layer_path or last_conv_layer(model)
     if layer_path is None:
@@ -117,9 +100,8 @@ def gradcam_model(model: keras.Model, layer_path: str | None = None) -> keras.Mo
 def _check_replay(model: keras.Model, logit_of: Callable[[np.ndarray], tf.Tensor]) -> None:
     """A branching model can replay wrongly without any error; compare its logit with the original's.
 
-    Logits, not probabilities: two different networks can both saturate to a probability of 1.
-    The original logit comes from the head's input in the model's own graph, which exists when
-    the head is an outer layer (as in all pneumo models); otherwise probabilities are compared.
+    Logits, because two different networks can both saturate to a probability of 1; probabilities
+    only when the head sits inside a nested model, where its input is not in the outer graph.
     """
     probe = np.random.default_rng(0).uniform(0, 255, (1, *model.input_shape[1:])).astype("float32")
     replayed = np.asarray(logit_of(probe), dtype=np.float64).ravel()
@@ -138,11 +120,9 @@ def _check_replay(model: keras.Model, logit_of: Callable[[np.ndarray], tf.Tensor
 
 def _direction(logit: tf.Tensor, target: str) -> tf.Tensor:
     """+1 to explain PNEUMONIA, −1 to explain NORMAL, per image."""
-    if target == "pneumonia":
-        return tf.ones_like(logit)
-    if target == "normal":
-        return -tf.ones_like(logit)
-    return tf.where(logit >= 0, 1.0, -1.0)  # "predicted": the class the model chose at 0.5
+    if target == "predicted":  # the class the model chose at 0.5
+        return tf.where(logit >= 0, 1.0, -1.0)
+    return tf.ones_like(logit) if target == "pneumonia" else -tf.ones_like(logit)
 
 
 def _normalise(maps: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -182,26 +162,13 @@ def _saliency_batch(logit_model: keras.Model, images: tf.Tensor, target: str) ->
 def heatmaps(
     model: keras.Model, images: np.ndarray, target: str = "predicted", method: str = "hirescam"
 ) -> np.ndarray:
-    """One heatmap in [0, 1] per image, at the input resolution.
+    """One ``(H, W)`` float32 heatmap in [0, 1] per ``(N, H, W, 3)`` image (0..255); all zeros without evidence.
 
-    Convolutional models get a class activation map of their last convolution: activations
-    times the gradient of the logit (per location for HiResCAM, averaged per channel for
-    Grad-CAM), summed over channels, ReLU, bilinear upsampling, each map divided by its maximum.
-    The dense model has no spatial feature map, so it gets input-gradient saliency:
-    |∂logit/∂pixel|, max over RGB, divided by its 99th percentile. Gradients are of the logit,
-    not the probability, so confidently classified images still get a map. Deterministic: no
-    dropout, no noise.
-
-    Args:
-        model: one of the pneumo.models architectures (float 0..255 RGB input, sigmoid output).
-        images: ``(N, H, W, 3)`` pixels in 0..255.
-        target: ``"predicted"`` explains the class each image was given at 0.5 (evidence for
-            NORMAL on negatives), ``"pneumonia"`` / ``"normal"`` always that class.
-        method: ``"hirescam"`` (faithful for Flatten heads; see :data:`CAM_METHODS`) or
-            ``"gradcam"``; ignored for the dense model.
-
-    Returns:
-        ``(N, H, W)`` float32; an image with no evidence for the target is all zeros.
+    Convolutional models get a class activation map of their last convolution (``method``, see
+    :data:`CAM_METHODS`); the dense model, with no spatial feature map, gets input-gradient saliency
+    (|∂logit/∂pixel|, max over RGB, over its 99th percentile). Gradients are of the logit, so confident
+    images still get a map. ``target="predicted"`` explains the class given at 0.5 (NORMAL evidence
+    on negatives); ``"pneumonia"``/``"normal"`` always that class.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -211,8 +178,7 @@ def heatmaps(
     if images.ndim != 4 or images.shape[1:] != tuple(model.input_shape[1:]):
         raise ValueError(f"expected images of shape (N, {', '.join(map(str, model.input_shape[1:]))}), "
                          f"got {images.shape}")
-    conv = last_conv_layer(model)
-    features, logit_model = _split(model, conv)
+    features, logit_model = _split(model, last_conv_layer(model))
     if features is None:
         _check_replay(model, lambda batch: logit_model(batch, training=False))
         explain = functools.partial(_saliency_batch, logit_model)
@@ -223,26 +189,16 @@ def heatmaps(
     return np.concatenate(maps) if maps else np.zeros(images.shape[:3], np.float32)
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The ``(H, W, 3)`` or gray ``(H, W)`` image (0..255) blended with the jet-coloured heatmap, as uint8."""
+    from matplotlib import colormaps  # colormaps need no display backend
+
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    return np.broadcast_to(image, (*image.shape[:2], 3))
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The image blended with the jet-coloured heatmap, as ``(H, W, 3)`` uint8.
-
-    Args:
-        image: ``(H, W, 3)`` (or grayscale ``(H, W)``) pixels in 0..255.
-        heatmap: ``(H, W)`` values in [0, 1].
-        alpha: weight of the colour map.
-    """
-    from matplotlib import colormaps  # colormaps need no display backend
-
-    rgb = _rgb(image)
+    rgb = np.broadcast_to(image, (*image.shape[:2], 3))
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.shape != rgb.shape[:2]:
         raise ValueError(f"heatmap shape {heatmap.shape} does not match image shape {rgb.shape[:2]}")
@@ -260,30 +216,23 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> b
 def pick_examples(
     y_true: Sequence[int], y_prob: Sequence[float], threshold: float, per_kind: int = 3
 ) -> dict[str, list[int]]:
-    """Indices of the most confident true/false positives/negatives, ``per_kind`` (or fewer) of each.
+    """``{kind: indices}`` of the most confident examples of each of :data:`KINDS`, ``per_kind`` (or fewer) each.
 
     Predicted PNEUMONIA is ``prob >= threshold``, as in :func:`pneumo.evaluate.compute_metrics`.
     Positives are ranked by highest probability, negatives by lowest, so the false ones are the
     model's most confident mistakes; ties keep index order, so the pick is deterministic.
-
-    Returns:
-        ``{kind: [index, ...]}`` for every kind in :data:`KINDS` (empty list when none exist).
     """
     labels = np.asarray(y_true, dtype=int).ravel()
     probs = np.asarray(y_prob, dtype=np.float64).ravel()
     if labels.shape != probs.shape:
         raise ValueError(f"{labels.size} labels but {probs.size} probabilities")
     predicted = probs >= threshold
-    masks = {
-        "true_positive": predicted & (labels == 1),
-        "false_positive": predicted & (labels == 0),
-        "true_negative": ~predicted & (labels == 0),
-        "false_negative": ~predicted & (labels == 1),
-    }
     picks = {}
     for kind in KINDS:
-        indices = np.flatnonzero(masks[kind])
-        confidence = probs[indices] if kind in ("true_positive", "false_positive") else -probs[indices]
+        said_positive = kind.endswith("_positive")
+        truly_positive = kind in ("true_positive", "false_negative")
+        indices = np.flatnonzero((predicted == said_positive) & (labels == int(truly_positive)))
+        confidence = probs[indices] if said_positive else -probs[indices]
         order = np.argsort(-confidence, kind="stable")
         picks[kind] = [int(i) for i in indices[order][:per_kind]]
     return picks
@@ -297,16 +246,9 @@ def contact_sheet(
     title: str = "Heatmaps",
     columns: int = 3,
 ) -> Path:
-    """One PNG grid of heatmap overlays, row by row, each under its caption.
+    """One PNG grid of heatmap overlays, row by row, each under its caption (e.g. ``"false_negative p=0.08"``).
 
-    Args:
-        images: ``(N, H, W, 3)`` pixels in 0..255.
-        heatmaps: ``(N, H, W)`` in [0, 1] (from :func:`heatmaps`).
-        captions: one short line per image, e.g. ``"false_negative p=0.08"``.
-        path: PNG to write (parent folders are created).
-        title: figure title.
-        columns: images per row; 3 with :func:`pick_examples`' default gives one row per kind
-            when every kind has three examples.
+    Three columns with :func:`pick_examples`' default give one row per kind. Parent folders are created.
     """
     if not len(images) == len(heatmaps) == len(captions) or not len(images):
         raise ValueError(f"need as many (≥ 1) images, heatmaps and captions; got "

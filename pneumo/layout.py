@@ -43,16 +43,10 @@ def patient_id_of(filename_stem: str) -> str:
 
 
 def classify(relative_path: str) -> ImageKey | Ignored:
-    """Decide whether a path relative to the dataset root is one of the dataset's images.
+    """An :class:`ImageKey` if a POSIX path relative to the dataset root is a dataset image, else :class:`Ignored`.
 
     The Kaggle zip also ships a duplicate ``chest_xray/chest_xray/`` tree, a ``__MACOSX/`` tree of
     ``._*`` resource forks and ``.DS_Store`` files; counting those would triple the dataset.
-
-    Args:
-        relative_path: POSIX path relative to the root that holds ``chest_xray/``.
-
-    Returns:
-        An :class:`ImageKey` for a dataset image, otherwise an :class:`Ignored` with its reason.
     """
     parts = PurePosixPath(relative_path).parts
     name = parts[-1] if parts else ""

@@ -14,17 +14,18 @@ Record = dict[str, Any]
 
 
 def leaderboard(results: Sequence[Any]) -> pd.DataFrame:
-    """One row per candidate (test metrics at the tuned threshold), best validation score first
-    (ties: higher validation ROC AUC first, the order promotion uses).
+    """One row per candidate (test metrics at the tuned threshold), in the order promotion ranks them.
 
     Args:
         results: ``CandidateResult`` objects or their ``summary()`` dicts (as flows pass them).
     """
-    rows, tie_breaks = [], []
-    for result in results:
-        summary = result if isinstance(result, Mapping) else result.summary()
+    from pneumo.gate import selection_rank
+
+    summaries = [result if isinstance(result, Mapping) else result.summary() for result in results]
+    rows = []
+    for summary in sorted(summaries, reverse=True, key=lambda s: selection_rank(
+            s["score"] if s["status"] == "ok" else None, (s.get("validation") or {}).get("roc_auc"))):
         ok = summary["status"] == "ok"
-        tie_breaks.append((summary.get("validation") or {}).get("roc_auc"))
         test = summary.get("test") or {}
         intervals = (summary.get("intervals") or {}).get("test", {})
         rows.append({
@@ -34,9 +35,7 @@ def leaderboard(results: Sequence[Any]) -> pd.DataFrame:
             "f2": test.get("f2"), "auc": test.get("roc_auc"), "auc 95% CI": _ci(intervals, "roc_auc"),
             "score": summary["score"] if ok else None, "threshold": summary["threshold"] if ok else None,
         })
-    frame = pd.DataFrame(rows, columns=list(COLUMNS)).assign(_tie_break=tie_breaks)
-    frame = frame.sort_values(["score", "_tie_break"], ascending=False, na_position="last", ignore_index=True)
-    return frame.drop(columns="_tie_break")
+    return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def _ci(intervals: Mapping[str, Sequence[float]], name: str) -> str | None:

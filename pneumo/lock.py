@@ -1,4 +1,7 @@
-"""The registry-wide promotion lock: one promotion or rollback of a registered model at a time."""
+"""The registry-wide promotion lock: one promotion or rollback of a registered model at a time.
+
+The protocol (lock generations, lease, takeover) is explained in docs/promotion-lock.md.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo.errors import PromotionError
-from pneumo.mlflow_client import error_code
+from pneumo.mlflow_client import EXISTS, MISSING, error_code, unless
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +37,18 @@ RENEWER_JOIN_S = 5.0  # on release, how long to wait for a renewal call in fligh
 
 @dataclass(frozen=True)
 class _Generation:
-    """One registered model that stands for the lock: ``<lock>`` (generation 0) or ``<lock>.<n>``."""
+    """One registered model that stands for the lock: ``<lock>`` (generation 0) or ``<lock>.<n>``.
+
+    Equal generations are the same one: a later generation under the same name differs in owner
+    or creation time.
+    """
 
     number: int
     name: str
     owner: str
-    expires: float
-    process: str
     created: int
-
-    @property
-    def identity(self) -> tuple[str, str, int]:
-        """Tells this generation from a later one created under the same name."""
-        return self.name, self.owner, self.created
+    expires: float = field(compare=False)
+    process: str = field(compare=False)
 
 
 @dataclass
@@ -79,11 +81,7 @@ class LockToken(str):
     _lease: _Lease | None = None
 
     def ensure_held(self) -> None:
-        """Raise unless this holder still holds the lock (call before a registry write that must be fenced).
-
-        Raises:
-            PromotionError: the lease lapsed (renewal failed for a ttl) or another promotion took over.
-        """
+        """Raise :class:`PromotionError` unless this holder still holds the lock (before a fenced write)."""
         lease = self._lease
         if lease is None or not lease.still_held():
             model = lease.model_name if lease else "the model"
@@ -92,15 +90,7 @@ class LockToken(str):
 
 
 def generation_name(lock_name: str, number: int) -> str:
-    """The registered-model name of lock generation ``number`` (0 is the plain lock name).
-
-    Args:
-        lock_name: ``<model>.promotion-lock``.
-        number: the generation, 0 or more.
-
-    Returns:
-        ``lock_name`` for generation 0, else ``<lock_name>.<number>``.
-    """
+    """The registered-model name of lock generation ``number``: ``lock_name``, or ``<lock_name>.<n>`` for n > 0."""
     return lock_name if number == 0 else f"{lock_name}.{number}"
 
 
@@ -120,16 +110,15 @@ def _as_generation(lock_name: str, model: Any) -> _Generation | None:
         expires = float(tags.get(LOCK_EXPIRES_TAG, "0"))
     except ValueError:
         expires = 0.0  # unreadable: treat as expired rather than block promotions forever
-    return _Generation(number, model.name, tags.get(LOCK_OWNER_TAG, "?"), expires,
-                       tags.get(LOCK_PROCESS_TAG, ""), int(model.creation_timestamp or 0))
+    return _Generation(number, model.name, tags.get(LOCK_OWNER_TAG, "?"), int(model.creation_timestamp or 0),
+                       expires, tags.get(LOCK_PROCESS_TAG, ""))
 
 
 def _generations(client: Any, lock_name: str) -> list[_Generation]:
     """Every existing generation of the lock, lowest first.
 
-    MLflow loads the tags with a second query, so a generation deleted between the two comes
-    back without tags and reads as abandoned. That is harmless: it is gone, and a contender that
-    acts on it is caught by :func:`_confirmed`. A live generation always comes with its tags.
+    MLflow loads tags with a second query, so a generation deleted in between reads as abandoned:
+    harmless, it is gone, and a contender acting on it is caught by :func:`_confirmed`.
     """
     found: list[_Generation] = []
     page_token = None
@@ -145,22 +134,14 @@ def _generations(client: Any, lock_name: str) -> list[_Generation]:
 
 
 def _read_generation(client: Any, lock_name: str, name: str) -> _Generation | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as error:
-        if error_code(error) == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return _as_generation(lock_name, model)
+    model = unless(MISSING, lambda: client.get_registered_model(name))
+    return None if model is None else _as_generation(lock_name, model)
 
 
 def _process_id(pid: int) -> str | None:
-    """``boot-id/pid-namespace/pid/start-time`` of a running process on this machine.
+    """``boot-id/pid-namespace/pid/start-time`` of a running process here; None if gone or not Linux.
 
-    None when the process is gone or ``/proc`` is missing (not Linux): then only the expiry frees
-    a crashed holder's lock. The start time tells a reused pid from the original process.
+    The start time tells a reused pid from the original process.
     """
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -191,38 +172,20 @@ def _holder_is_gone(process: str) -> bool:
 
 
 def _create(client: Any, lock_name: str, name: str, token: str, ttl: float, model_name: str) -> bool:
-    """Create generation ``name`` as ours; False when it already exists and is someone else's.
-
-    The insert of a unique registered-model name is atomic in MLflow's store: of several
-    contenders creating the same name, exactly one succeeds.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(
-            name,
-            tags={LOCK_OWNER_TAG: token, LOCK_EXPIRES_TAG: f"{time.time() + ttl:.3f}",
-                  LOCK_PROCESS_TAG: _process_id(os.getpid()) or ""},
-            description=f"Held while a promotion of {model_name} decides; deleted afterwards.",
-        )
+    """Create generation ``name`` as ours (an atomic insert); False when it exists and is someone else's."""
+    # The store answers a lost insert race by reading the winner back, which reports
+    # RESOURCE_DOES_NOT_EXIST when the winner has just deleted it again: lost all the same.
+    if unless(EXISTS + MISSING, lambda: client.create_registered_model(
+            name, tags={LOCK_OWNER_TAG: token, LOCK_EXPIRES_TAG: f"{time.time() + ttl:.3f}",
+                        LOCK_PROCESS_TAG: _process_id(os.getpid()) or ""},
+            description=f"Held while a promotion of {model_name} decides; deleted afterwards.")) is not None:
         return True
-    except MlflowException as error:
-        # The store answers a lost insert race by reading the winner back, which reports
-        # RESOURCE_DOES_NOT_EXIST when the winner has just deleted it again: lost all the same.
-        if error_code(error) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-            raise
     current = _read_generation(client, lock_name, name)
     return current is not None and current.owner == token  # our insert landed but its reply was lost
 
 
 def _delete(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.delete_registered_model(name)
-    except MlflowException as error:
-        if error_code(error) != "RESOURCE_DOES_NOT_EXIST":
-            raise
+    unless(MISSING, lambda: client.delete_registered_model(name))
 
 
 def _delete_if_ours(client: Any, lock_name: str, name: str, token: str) -> None:
@@ -234,25 +197,18 @@ def _delete_if_ours(client: Any, lock_name: str, name: str, token: str) -> None:
 def _confirmed(client: Any, lock_name: str, mine: str, token: str, seen: list[_Generation]) -> bool:
     """True when ours exists and, besides it, only generations we saw abandoned before creating it.
 
-    This catches a contender that acted on a stale view: it saw generation n abandoned, then
-    paused while another contender took over, finished or moved back to the plain name, so the
-    generation it creates is free but another live one exists.
+    Catches a contender that acted on a stale view: it saw generation n abandoned, then paused
+    while another took over, so the generation it creates is free but another live one exists.
     """
-    before = {generation.identity for generation in seen}
     now = _generations(client, lock_name)
     return any(generation.name == mine and generation.owner == token for generation in now) and all(
-        generation.identity in before for generation in now if generation.name != mine)
+        generation in seen for generation in now if generation.name != mine)
 
 
 def _take(
     client: Any, lock_name: str, token: str, ttl: float, model_name: str,
 ) -> tuple[str | None, _Generation | None]:
-    """One attempt at the lock.
-
-    Returns:
-        ``(name of the generation we now hold, None)``; or ``(None, a live generation)`` when the
-        lock is held; or ``(None, None)`` when we lost a race and should look again.
-    """
+    """One attempt: ``(generation we now hold, None)``, ``(None, the live holder)``, or ``(None, None)`` after a lost race."""
     seen = _generations(client, lock_name)
     if live := [generation for generation in seen if _abandoned(generation) is None]:
         return None, live[-1]
@@ -277,8 +233,7 @@ def _take(
 def _let_go(client: Any, lock_name: str, token: str, *names: str) -> None:
     """Best effort: delete those of ``names`` that are ours; a failure is logged, never raised.
 
-    Raising here would hide the error that ended the holder's work; a generation left behind
-    expires after its ttl (at once for the next contender on this machine once we exit).
+    Raising here would hide the error that ended the holder's work; a generation left behind expires.
     """
     for name in dict.fromkeys(names):
         try:
@@ -288,13 +243,10 @@ def _let_go(client: Any, lock_name: str, token: str, *names: str) -> None:
 
 
 def _move_home(client: Any, lock_name: str, mine: str, token: str, ttl: float, model_name: str) -> str:
-    """After a takeover through generation n > 0, hold the plain lock name again.
+    """After a takeover through generation n > 0, hold the plain lock name again; returns the name held.
 
     Operators and older tools look for ``<model>.promotion-lock``. Ours exists throughout (the
     plain name is created before generation n is deleted), so no contender sees the lock free.
-
-    Returns:
-        The name of the generation now held.
     """
     if mine == lock_name or not _create(client, lock_name, lock_name, token, ttl, model_name):
         return mine  # a stale contender's doomed insert holds the plain name: keep generation n
@@ -305,8 +257,7 @@ def _move_home(client: Any, lock_name: str, mine: str, token: str, ttl: float, m
 def _renew(lease: _Lease) -> bool:
     """Push our generation's expiry ``ttl`` ahead; False when it is no longer ours to renew.
 
-    An expired lease is not renewed: a contender may already be taking it over, and renewing
-    would resurrect it under them. A deleted generation is never re-created here.
+    An expired lease is not renewed: a contender may already be taking it over.
     """
     from mlflow.exceptions import MlflowException
 
@@ -339,16 +290,6 @@ def _renew_until(stop: threading.Event, lease: _Lease) -> None:
             log.warning("could not renew the promotion lock of %s", lease.model_name, exc_info=True)
 
 
-def _start_renewer(lease: _Lease) -> tuple[threading.Event, threading.Thread | None]:
-    stop = threading.Event()
-    if lease.ttl <= 0:
-        return stop, None  # no lease to keep: the lock is open to takeover at once by design
-    thread = threading.Thread(target=_renew_until, args=(stop, lease), daemon=True,
-                              name=f"promotion-lock-renewer:{lease.name}")
-    thread.start()
-    return stop, thread
-
-
 def _acquire(client: Any, model_name: str, token: str, ttl: float, timeout: float, poll: float) -> str:
     """Try until we hold a generation of the lock; returns its name."""
     lock_name = f"{model_name}{LOCK_SUFFIX}"
@@ -368,36 +309,28 @@ def _acquire(client: Any, model_name: str, token: str, ttl: float, timeout: floa
 def promotion_lock(
     client: Any, model_name: str, *, ttl: float = DEFAULT_TTL_S, timeout: float = 600.0, poll: float = 0.5,
 ) -> Iterator[LockToken]:
-    """Hold the registry-wide promotion lock of ``model_name``.
+    """Hold the registry-wide promotion lock of ``model_name``; yields the holder's token.
 
-    The lock is a registered model named ``<model_name>.promotion-lock``: creating a registered
-    model is an atomic insert in MLflow's store (a unique name), so exactly one of several
-    concurrent creators succeeds, across processes and hosts, with no extra infrastructure.
-    Tags record the owner, its process and an expiry. An abandoned lock (expired, or its holder
-    process died on this machine) is taken over by creating the next generation
-    ``<model_name>.promotion-lock.<n>``, again an atomic insert, so one contender wins; the
-    winner then deletes the abandoned generations and moves back to the plain name. A
-    background thread renews the expiry every ``ttl / 3`` while the holder works. See
-    ``docs/promotion-lock.md``.
-
-    Args:
-        client: an ``MlflowClient`` for the registry.
-        model_name: the registered model being promoted.
-        ttl: seconds of lease: a holder that stops renewing (hung, killed on another machine)
-            loses the lock this long after its last renewal. 0 or less: no lease, no renewal.
-        timeout: seconds to wait for another holder before giving up.
-        poll: seconds between attempts (with jitter).
-
-    Yields:
-        This holder's token (a ``str``); ``token.ensure_held()`` raises when the lock was lost.
+    The lock is a registered model ``<model_name>.promotion-lock``: creating a registered model
+    is an atomic insert in MLflow's store, so one of several concurrent creators wins, across
+    processes and hosts. Tags record the owner, its process and an expiry that a background
+    thread pushes ahead every ``ttl / 3``; ``ttl`` ≤ 0 means no lease and no renewal. An
+    abandoned lock (expired, or its holder died on this machine) is taken over through the next
+    generation ``<model_name>.promotion-lock.<n>``. ``token.ensure_held()`` raises once the lock
+    is lost.
 
     Raises:
-        PromotionError: the lock stayed held for ``timeout`` seconds.
+        PromotionError: the lock stayed held for ``timeout`` seconds (tries every ``poll`` s, jittered).
     """
     token = LockToken(f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}")
     lease = _Lease(client, model_name, _acquire(client, model_name, token, ttl, timeout, poll), token, ttl)
     token._lease = lease
-    stop, renewer = _start_renewer(lease)
+    stop = threading.Event()
+    renewer = None
+    if ttl > 0:  # without a lease the lock is open to takeover at once, by design
+        renewer = threading.Thread(target=_renew_until, args=(stop, lease), daemon=True,
+                                   name=f"promotion-lock-renewer:{lease.name}")
+        renewer.start()
     try:
         yield token
     finally:

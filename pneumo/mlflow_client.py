@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pneumo.errors import TrackingError
 from pneumo.redaction import has_credentials, redact
+
+T = TypeVar("T")
+MISSING = ("RESOURCE_DOES_NOT_EXIST",)
+EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 
 
 def mlflow_client(tracking_uri: str | None) -> Any:
@@ -31,6 +36,18 @@ def mlflow_client(tracking_uri: str | None) -> Any:
 def error_code(error: BaseException) -> str:
     """MLflow's error code (``RESOURCE_DOES_NOT_EXIST``, …) of an exception, or ``""``."""
     return str(getattr(error, "error_code", ""))
+
+
+def unless(codes: tuple[str, ...], call: Callable[[], T]) -> T | None:
+    """``call()``, or None when MLflow refuses it with one of the error ``codes`` (already gone, already there)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as error:
+        if error_code(error) in codes:
+            return None
+        raise
 
 
 def one_line(error: BaseException) -> str:

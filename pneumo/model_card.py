@@ -34,13 +34,7 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
                data_report: Mapping[str, Any] | None, source: str, fingerprint: str) -> str:
     """The card as Markdown (under :data:`MAX_DESCRIPTION` characters, so it fits a version description).
 
-    Args:
-        record: the promotion decision (``Decision.record()``).
-        run_params: the candidate run's params (architecture, sizes, calibration).
-        run_metrics: the candidate run's metrics (``validation.*``, ``test.*`` with intervals).
-        data_report: the retraining's data report (counts per subset and class, patients).
-        source: the dataset source.
-        fingerprint: the dataset fingerprint.
+    ``record`` is the promotion decision (``Decision.record()``); params and metrics are the candidate run's.
     """
     name, test = record["candidate"], record["metrics"]
     intervals = record.get("intervals") or {}

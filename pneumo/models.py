@@ -213,15 +213,10 @@ def build_model(
     mixed_precision: bool = False,
     compile: bool = True,
 ) -> keras.Model:
-    """Build one of the registered architectures, compiled with the seed's optimizer.
+    """Build one of the registered architectures; ``compile`` attaches the seed's optimizer, loss and metrics.
 
-    Args:
-        name: a name from :func:`list_models`.
-        image_size: square input side.
-        learning_rate: overrides the seed's learning rate for this model.
-        vgg16_weights: ``"imagenet"``, ``"auto"``, a weights file path, or ``None``/``"none"``.
-        mixed_precision: build with the ``mixed_float16`` policy (use on GPUs only).
-        compile: attach optimizer, binary cross-entropy and AUC/recall/precision metrics.
+    ``mixed_precision`` builds with the ``mixed_float16`` policy (GPUs only); ``learning_rate``
+    overrides the seed's.
 
     Raises:
         ModelError: unknown name or missing VGG16 weights file.
@@ -251,3 +246,31 @@ def build_model(
             ],
         )
     return model
+
+
+def model_params(model: keras.Model) -> dict[str, str]:
+    """Parameters read off a compiled Keras model: optimizer, learning rate, frozen layers, sizes."""
+    params: dict[str, str] = {}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        params["optimizer"] = type(optimizer).__name__
+        try:
+            params["learning_rate"] = f"{float(optimizer.learning_rate):.6g}"
+        except (TypeError, ValueError):
+            pass
+    frozen = [layer.name for layer in _leaf_layers(model) if not layer.trainable and layer.weights]
+    params["frozen_layers"] = str(len(frozen))
+    if frozen:
+        params["frozen_layer_names"] = ",".join(frozen)[:6000]  # MLflow's limit on a param value
+    params["trainable_params"] = str(sum(int(w.numpy().size) for w in model.trainable_weights))
+    params["non_trainable_params"] = str(sum(int(w.numpy().size) for w in model.non_trainable_weights))
+    params["input_shape"] = str(tuple(model.input_shape[1:]))
+    return params
+
+
+def _leaf_layers(model: keras.Layer) -> list[keras.Layer]:
+    """Layers including those of nested models (VGG16's base), leaves only."""
+    leaves = []
+    for layer in getattr(model, "layers", []):
+        leaves.extend(_leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
+    return leaves

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,32 +40,15 @@ def pip_requirements() -> list[str]:
     """Pinned requirements of the served model, from the versions installed here."""
     pins = []
     for names in _REQUIREMENTS:
-        for name in names:
-            try:
+        for name in names:  # the first one installed
+            with suppress(importlib.metadata.PackageNotFoundError):
                 pins.append(f"{name}=={importlib.metadata.version(name)}")
                 break
-            except importlib.metadata.PackageNotFoundError:
-                continue
     return pins
-
-
-def _signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
-    # arrays; predict() validates every item itself and names the bad one.
-    from mlflow.types import ParamSchema, ParamSpec
-
-    outputs = Schema([ColSpec("double", "probability"), ColSpec("string", "label"),
-                      ColSpec("string", "heatmap", required=False)])
-    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("explain", "boolean", False)]))
 
 
 def example_image(image_size: int = 32) -> bytes:
     """A small gray PNG used as the logged input example."""
-    import io
-
     from PIL import Image
 
     ramp = np.linspace(0, 255, image_size * image_size).reshape(image_size, image_size).astype(np.uint8)
@@ -77,29 +61,33 @@ def example_image(image_size: int = 32) -> bytes:
 def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: str,
                  calibration: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Keyword arguments of ``mlflow.pyfunc`` save/log for our served model (files live while open)."""
+    import keras
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
     import pneumo
 
+    # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
+    # arrays; predict() validates every item itself and names the bad one.
+    outputs = Schema([ColSpec("double", "probability"), ColSpec("string", "label"),
+                      ColSpec("string", "heatmap", required=False)])
+    signature = ModelSignature(inputs=None, outputs=outputs,
+                               params=ParamSchema([ParamSpec("explain", "boolean", False)]))
     with tempfile.TemporaryDirectory(prefix="pneumo-serving-") as tmp:
+        # The network without its optimizer: serving never trains, and loading skips no optimizer state.
+        inference = keras.models.clone_model(model)
+        inference.set_weights(model.get_weights())
         keras_file = Path(tmp) / "model.keras"
-        _inference_copy(model).save(keras_file)
+        inference.save(keras_file)
         code_file = Path(tmp) / "served_model.py"
         code_file.write_text(_MODEL_CODE)
         config = {"threshold": float(threshold), "image_size": int(image_size), "candidate": candidate,
                   "classes": list(CLASSES), "calibration": dict(calibration or {"method": "identity"})}
         yield {
             "python_model": str(code_file), "artifacts": {KERAS_ARTIFACT: str(keras_file)}, "model_config": config,
-            "code_paths": [os.path.dirname(pneumo.__file__)], "signature": _signature(),
+            "code_paths": [os.path.dirname(pneumo.__file__)], "signature": signature,
             "pip_requirements": pip_requirements(), "metadata": {"pneumo": json.dumps(config)},
         }
-
-
-def _inference_copy(model: Any) -> Any:
-    """The network without its optimizer: serving never trains, and loading skips no optimizer state."""
-    import keras
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: int, candidate: str,
@@ -121,11 +109,7 @@ def _logged_model_id(client: Any, run_id: str, name: str) -> str:
 
 def log_serving_model(client: Any, run_id: str, model: Any, *, threshold: float, image_size: int,
                       candidate: str, calibration: dict[str, Any] | None = None) -> str:
-    """Log the served pyfunc to a run (explicit run id: safe from concurrent threads).
-
-    Returns:
-        The logged model's URI (``models:/<model_id>``).
-    """
+    """Log the served pyfunc to a run (explicit run id: safe from concurrent threads); returns its URI."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
@@ -139,11 +123,8 @@ def log_serving_model(client: Any, run_id: str, model: Any, *, threshold: float,
 
 
 class _KerasFlavor:
-    """``mlflow.keras`` with the model folder created first.
-
-    MLflow 3.17's ``mlflow.keras.save_model`` writes the input example before it creates the
-    model folder, so ``log_model(..., input_example=...)`` fails with FileNotFoundError.
-    """
+    """``mlflow.keras`` with the model folder created first: MLflow 3.17's ``save_model`` writes the
+    input example before it creates the folder, so logging with an example fails with FileNotFoundError."""
 
     __name__ = "mlflow.keras"
 
@@ -156,11 +137,7 @@ class _KerasFlavor:
 
 
 def log_keras_model(client: Any, run_id: str, model: Any, image_size: int) -> str:
-    """Log the bare Keras network (``mlflow.keras`` flavor) with a tensor signature and an example.
-
-    Returns:
-        The logged model's URI.
-    """
+    """Log the bare Keras network (``mlflow.keras`` flavor) with a tensor signature and an example; returns its URI."""
     import keras
     from mlflow.models import Model, infer_signature
 

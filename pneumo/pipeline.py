@@ -16,7 +16,7 @@ import pandas as pd
 
 from pneumo.config import RetrainParams, Settings, TrainConfig
 from pneumo.data import CheckedImages, assign_subsets, class_weights, validate_images
-from pneumo.errors import DataError, PneumoError
+from pneumo.errors import CandidateFailed, DataError
 from pneumo.layout import CLASSES
 from pneumo.storage import IngestResult, cache_dir, counts_by
 
@@ -85,14 +85,7 @@ def prepare_data(
 ) -> PreparedData:
     """Decode-check an ingested manifest, carve the patient-grouped validation split, check counts.
 
-    Args:
-        root: folder the manifest paths are relative to (``IngestResult.root``).
-        manifest: the ingest's manifest frame.
-        config: ``val_fraction`` and ``seed`` decide the carve.
-        min_per_class: fail below this many images per subset and class.
-        log: where skipped bad images are reported.
-        progress: called with (done, total) while images are checked.
-        cache: the source's cache folder, held for reading while images are checked.
+    ``cache`` (the source's cache folder) is held for reading while images are checked.
 
     Raises:
         DataError: a subset or class is too small.
@@ -308,11 +301,11 @@ def _intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, patients
 
 
 def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The successful candidate with the highest selection score (validation), if any; ties go to
-    the higher validation ROC AUC, as in :func:`pneumo.runs.ranked_candidates`."""
+    """The successful candidate that ranks first (:func:`pneumo.gate.selection_rank`), if any."""
+    from pneumo.gate import selection_rank
+
     survivors = [r for r in results if r.status == "ok" and np.isfinite(r.score)]
-    return max(survivors, key=lambda r: (r.score, np.nan_to_num(r.validation.get("roc_auc", np.nan), nan=-1.0)),
-               default=None)
+    return max(survivors, key=lambda r: selection_rank(r.score, r.validation.get("roc_auc")), default=None)
 
 
 def _checkpoint(result: CandidateResult, run_id: str, folder: Path) -> None:
@@ -343,12 +336,10 @@ def train_and_log(
 ) -> dict[str, Any]:
     """One flow candidate: fetch the pinned files, train and evaluate, log a child run of the retraining.
 
-    The child run is opened before training, so the MLflow UI shows its real start and duration.
-    A trained model is kept on disk until it is logged: when logging fails (the tracking server is
-    down), the task's retry logs the kept model instead of training again.
-
-    Returns:
-        The result's summary plus ``run_id``, the worker's ``pid``, ``started`` and ``finished`` (epoch seconds).
+    The child run opens before training, so the MLflow UI shows its real duration. A trained model
+    is kept on disk until it is logged: when logging fails (tracking server down), the task's retry
+    logs the kept model instead of training again. Returns the result's summary plus ``run_id``,
+    the worker's ``pid``, ``started`` and ``finished`` (epoch seconds).
 
     Raises:
         CandidateFailed: the candidate produced no model (its FAILED run records why).
@@ -386,20 +377,12 @@ def train_and_log(
     return {**summary, "run_id": run_id, "pid": os.getpid(), "started": started, "finished": time.time()}
 
 
-class CandidateFailed(PneumoError):
-    """A candidate did not produce a model (diverged, bad weights file, out of memory...)."""
-
-
 # ----------------------------------------------------------------------------- promotion
 def promote_best(
     params: RetrainParams, parent_run_id: str, run_ids: Sequence[str], test_manifest: pd.DataFrame,
     settings: Settings, *, dry_run: bool = False,
 ) -> Any:
-    """Evaluate this retraining's best candidate on the test split and gate it against the champion.
-
-    Returns:
-        The registry's :class:`pneumo.registry.Decision`.
-    """
+    """Evaluate this retraining's best candidate on the test split and gate it against the champion."""
     from pneumo import registry
 
     with materialized(test_manifest, params.source, settings) as root:

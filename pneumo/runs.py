@@ -7,6 +7,7 @@ from collections.abc import Collection
 from typing import Any
 
 from pneumo.errors import PromotionError, TrackingError
+from pneumo.gate import selection_rank
 from pneumo.mlflow_client import mlflow_client
 from pneumo.tracking import PARENT_RUN_TAG, SCORE_METRIC, TAG_FINGERPRINT, TAG_KIND, TAG_SERVING_MODEL, TAG_SOURCE
 
@@ -26,12 +27,7 @@ def candidate_runs(parent_run_id: str, *, tracking_uri: str | None = None) -> li
 
 def ranked_candidates(parent_run_id: str, run_ids: Collection[str] | None = None, *,
                       tracking_uri: str | None = None) -> list[Any]:
-    """A retraining's finished candidates with a served model, best validation score first.
-
-    Args:
-        parent_run_id: the retraining's parent run.
-        run_ids: only these child runs may compete (the flow passes the ones it trained).
-        tracking_uri: MLflow URI.
+    """A retraining's finished candidates with a served model, best first; only ``run_ids`` if given.
 
     Raises:
         PromotionError: no candidate of this retraining produced a model.
@@ -41,13 +37,10 @@ def ranked_candidates(parent_run_id: str, run_ids: Collection[str] | None = None
             and (run_ids is None or run.info.run_id in run_ids)]
     if not runs:
         raise PromotionError(f"retraining run {parent_run_id} has no finished candidate with a logged model")
-    # A small validation set often gives several candidates the same score: ties go to the
-    # higher validation ROC AUC (threshold-free), then to the earlier-started run.
-    def rank(run: Any) -> tuple[float, float, int]:
-        auc = run.data.metrics.get(TIE_BREAK_METRIC, math.nan)
-        return -run.data.metrics[SCORE_METRIC], -auc if math.isfinite(auc) else math.inf, run.info.start_time
-
-    return sorted(runs, key=rank)
+    # Best rank first; among equals the earlier-started run.
+    return sorted(runs, key=lambda run: (*selection_rank(run.data.metrics[SCORE_METRIC],
+                                                         run.data.metrics.get(TIE_BREAK_METRIC)),
+                                         -run.info.start_time), reverse=True)
 
 
 def latest_retraining(experiment: str, *, tracking_uri: str | None = None) -> str:

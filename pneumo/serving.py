@@ -15,12 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo.decode import (
-    JPEG_MAGIC,
-    PNG_MAGIC,
-    decoded_pixels,
-    env_limit,
-    header_size,
-    max_image_pixels,
+    JPEG_MAGIC, PNG_MAGIC, batch_decoder, decode_image, decoded_pixels, env_limit, header_size, max_image_pixels,
     pixel_cap_reason,
 )
 from pneumo.errors import ServingError
@@ -37,11 +32,7 @@ DECODE_PIXEL_BUDGET = 100_000_000
 
 
 class InvalidImageError(ServingError, MlflowException):
-    """An input item is not a scorable image.
-
-    Also an ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` so a scoring server answers
-    HTTP 400 with this message instead of a 500 with a TensorFlow trace.
-    """
+    """An input item is not a scorable image; as an ``MlflowException`` a scoring server answers HTTP 400."""
 
     def __init__(self, message: str) -> None:
         MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
@@ -55,17 +46,13 @@ def _items(model_input: Any) -> list[Any]:
     """Flatten the accepted container types into one list of per-image items."""
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN in model_input.columns:
-            column = model_input[INPUT_COLUMN]
-        elif len(model_input.columns) == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise InvalidImageError(
-                f"expected one column (or a column named {INPUT_COLUMN!r}) of images, "
-                f"got columns {list(map(str, model_input.columns))}"
-            )
-        return list(column)
-    if isinstance(model_input, pd.Series):
-        return list(model_input)
+            return list(model_input[INPUT_COLUMN])
+        if len(model_input.columns) == 1:
+            return list(model_input.iloc[:, 0])
+        raise InvalidImageError(
+            f"expected one column (or a column named {INPUT_COLUMN!r}) of images, "
+            f"got columns {list(map(str, model_input.columns))}"
+        )
     if isinstance(model_input, dict):
         if set(model_input) != {INPUT_COLUMN}:
             raise InvalidImageError(f"expected a dict with the key {INPUT_COLUMN!r}, got {sorted(model_input)}")
@@ -73,16 +60,14 @@ def _items(model_input: Any) -> list[Any]:
     if isinstance(model_input, (bytes, bytearray, memoryview, str)):
         return [model_input]
     if isinstance(model_input, np.ndarray):
-        if model_input.dtype.kind in "OSUa" and model_input.ndim == 1:
-            return list(model_input)
-        if model_input.dtype.kind in "OSUa" and model_input.ndim == 2 and model_input.shape[1] == 1:
-            return list(model_input[:, 0])  # the REST ``inputs`` form of one column
+        if model_input.dtype.kind in "OSUa" and (model_input.ndim == 1 or model_input.shape[1:] == (1,)):
+            return list(model_input.reshape(-1))  # 1-D, or the REST ``inputs`` form of one column
         if model_input.dtype.kind in "uif":
             # (H, W) gray and (H, W, C) with C in 1/3/4 are one image; (N, H, W[, C]) a batch.
             single = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4))
             return [model_input] if single else list(model_input)
         raise InvalidImageError(f"unsupported array of dtype {model_input.dtype} and shape {model_input.shape}")
-    if isinstance(model_input, (list, tuple)):
+    if isinstance(model_input, (list, tuple, pd.Series)):
         return list(model_input)
     raise InvalidImageError(
         f"unsupported input type {type(model_input).__name__}: pass a list/DataFrame of encoded "
@@ -93,25 +78,6 @@ def _items(model_input: Any) -> list[Any]:
 def max_batch_images() -> int:
     """Most images one request may hold (``PNEUMO_MAX_BATCH_IMAGES``, default 256), read now."""
     return env_limit(MAX_BATCH_IMAGES_ENV, DEFAULT_MAX_BATCH_IMAGES)
-
-
-def _check_pixel_values(array: np.ndarray, index: int) -> None:
-    """Refuse non-finite values and any range but 0..255, including the 0..1 floats of a rescaled image.
-
-    A float image scaled to 0..1 would otherwise be read as 0..255 and scored as a near-black
-    image, with a confident label and no error. Rule: float arrays must hold 0..255; one whose
-    maximum is ≤ 1 and that is not all zero is refused (pass uint8 to send a truly dark image).
-    """
-    if not np.all(np.isfinite(array)):
-        raise InvalidImageError(f"item {index}: array contains NaN or infinity")
-    low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 255:
-        raise InvalidImageError(f"item {index}: pixel values must be 0..255, got {low:g}..{high:g}")
-    if array.dtype.kind == "f" and 0 < high <= 1:
-        raise InvalidImageError(
-            f"item {index}: float pixels in 0..{high:g} look like an image scaled to 0..1; pixel arrays "
-            "must be 0..255: multiply by 255 (or send uint8)"
-        )
 
 
 def _png_from_array(array: np.ndarray, index: int, max_pixels: int) -> bytes:
@@ -131,29 +97,20 @@ def _png_from_array(array: np.ndarray, index: int, max_pixels: int) -> bytes:
     if reason := pixel_cap_reason(array.shape[1], array.shape[0], max_pixels):
         raise InvalidImageError(f"item {index}: {reason}")
     if array.dtype != np.uint8:
-        _check_pixel_values(array, index)
+        if not np.all(np.isfinite(array)):
+            raise InvalidImageError(f"item {index}: array contains NaN or infinity")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise InvalidImageError(f"item {index}: pixel values must be 0..255, got {low:g}..{high:g}")
+        # A float image scaled to 0..1 would otherwise be scored as a near-black image with a confident
+        # label and no error; a truly dark image can be sent as uint8.
+        if array.dtype.kind == "f" and 0 < high <= 1:
+            raise InvalidImageError(
+                f"item {index}: float pixels in 0..{high:g} look like an image scaled to 0..1; pixel arrays "
+                "must be 0..255: multiply by 255 (or send uint8)"
+            )
         array = np.rint(array).astype(np.uint8)
     return bytes(tf.io.encode_png(array).numpy())
-
-
-def _array_from_list(item: list | tuple, index: int) -> np.ndarray:
-    """Nested lists (pixels in JSON) as an array, keeping ints as ints so 0/1 integers stay pixels."""
-    try:
-        array = np.asarray(item)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or array.dtype.kind not in "uif":
-        raise InvalidImageError(f"item {index}: nested list is not a rectangular pixel array of numbers")
-    return array
-
-
-def _check_header(data: bytes, index: int, max_pixels: int) -> None:
-    """Refuse an image whose header claims too many pixels, before any decoder allocates them."""
-    claimed = header_size(data)
-    if claimed is None:
-        raise InvalidImageError(f"item {index}: cannot decode image (no readable size in its header)")
-    if reason := pixel_cap_reason(*claimed, max_pixels):
-        raise InvalidImageError(f"item {index}: {reason}")
 
 
 def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
@@ -166,8 +123,13 @@ def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
             raise InvalidImageError(f"item {index}: a string must be base64-encoded JPEG/PNG bytes") from None
     elif isinstance(item, (bytearray, memoryview, np.bytes_)):
         item = bytes(item)
-    elif isinstance(item, (list, tuple)):  # nested lists from JSON: a pixel array
-        item = _array_from_list(item, index)
+    elif isinstance(item, (list, tuple)):  # nested lists from JSON: a pixel array, ints kept as ints
+        try:
+            item = np.asarray(item)
+        except (TypeError, ValueError):
+            item = None
+        if item is None or item.dtype.kind not in "uif":
+            raise InvalidImageError(f"item {index}: nested list is not a rectangular pixel array of numbers")
     if isinstance(item, np.ndarray):
         return _png_from_array(item, index, max_pixels)
     if not isinstance(item, bytes):
@@ -178,23 +140,20 @@ def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
         raise InvalidImageError(f"item {index}: empty bytes")
     if not item.startswith((JPEG_MAGIC, PNG_MAGIC)):
         raise InvalidImageError(f"item {index}: not a JPEG or PNG image (starts with {item[:8]!r})")
-    _check_header(item, index, max_pixels)
+    # Refuse a header that claims too many pixels before any decoder allocates them.
+    claimed = header_size(item)
+    if claimed is None:
+        raise InvalidImageError(f"item {index}: cannot decode image (no readable size in its header)")
+    if reason := pixel_cap_reason(*claimed, max_pixels):
+        raise InvalidImageError(f"item {index}: {reason}")
     return item
 
 
 def as_encoded_images(model_input: Any) -> list[bytes]:
-    """Normalize any accepted input to a list of encoded JPEG/PNG images.
+    """Normalize any accepted input (see docs/serving.md) to a list of encoded JPEG/PNG images.
 
-    Accepted: a DataFrame with one column (or an ``image`` column), a Series, list/tuple, or 1-D
-    object array whose items are JPEG/PNG ``bytes``, base64 strings, or pixel arrays (H×W gray,
-    H×W×1/3/4, values 0..255, any size); a single bytes/str item; a numeric array holding one
-    image or a batch ``(N, H, W[, C])``. Refused (see docs/serving.md): more than
-    ``PNEUMO_MAX_BATCH_IMAGES`` items, images whose header claims more than
-    ``PNEUMO_MAX_IMAGE_PIXELS`` pixels, NaN/infinite pixels, values outside 0..255 and float
-    arrays that look scaled to 0..1. Both settings are read on every call.
-
-    Raises:
-        InvalidImageError: naming the first offending item's index.
+    Both limits (``PNEUMO_MAX_BATCH_IMAGES``, ``PNEUMO_MAX_IMAGE_PIXELS``) are read on every call.
+    Raises InvalidImageError naming the first offending item's index.
     """
     items = _items(model_input)
     if not items:
@@ -209,72 +168,43 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
 
 def _pixel_groups(encoded: Sequence[bytes], image_size: int, budget: int) -> list[list[bytes]]:
     """Consecutive runs of images whose decoded pixels add up to at most ``budget`` (≥ 1 image each)."""
-    groups: list[list[bytes]] = []
-    current: list[bytes] = []
+    groups: list[list[bytes]] = [[]]  # one empty group when there are no images
     total = 0
     for data in encoded:
         pixels = decoded_pixels(data, image_size)
-        if current and total + pixels > budget:
-            groups.append(current)
-            current, total = [], 0
-        current.append(data)
+        if groups[-1] and total + pixels > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(data)
         total += pixels
-    groups.append(current)  # never empty unless there were no images: then one empty group
     return groups
 
 
-def decode_batch(encoded: Sequence[bytes], image_size: int, first_index: int = 0) -> Any:
-    """Decode a batch exactly as training does (``decode.decode_image``), as a float32 tensor.
+def preprocess(encoded: Sequence[bytes], image_size: int, first_index: int = 0) -> np.ndarray:
+    """Decode a batch exactly as training does: what the model sees, float32 ``(n, size, size, 3)`` of 0..255.
 
-    Images are decoded in parallel in groups of at most :data:`DECODE_PIXEL_BUDGET` decoded
-    pixels, which bounds the memory a request of large images takes; the pixel cap
-    (``PNEUMO_MAX_IMAGE_PIXELS``) is checked again inside the decoder.
-
-    Args:
-        encoded: JPEG/PNG bytes (already checked by :func:`as_encoded_images`).
-        image_size: the model's square input side.
-        first_index: the request index of ``encoded[0]`` (a chunk of a larger request), for messages.
-
-    Returns:
-        ``tf.Tensor`` float32 ``(n, image_size, image_size, 3)`` of 0..255 values.
-
-    Raises:
-        InvalidImageError: an item has a valid header but cannot be decoded (names the index).
+    Images are decoded in parallel in groups of at most :data:`DECODE_PIXEL_BUDGET` pixels, which
+    bounds a request's memory. ``first_index`` is the request index of ``encoded[0]``, for messages.
     """
     import tensorflow as tf
 
-    max_pixels = max_image_pixels()
-    decoded, offset = [], first_index
-    for group in _pixel_groups(encoded, int(image_size), DECODE_PIXEL_BUDGET):
-        decoded.append(_decode_group(group, int(image_size), max_pixels, offset))
-        offset += len(group)
-    return decoded[0] if len(decoded) == 1 else tf.concat(decoded, axis=0)
-
-
-def _decode_group(group: Sequence[bytes], image_size: int, max_pixels: int, offset: int) -> Any:
-    """:func:`decode_batch` for one group; ``offset`` is the group's first item index (for messages)."""
-    import tensorflow as tf
-
-    from pneumo.decode import batch_decoder, decode_image
-
+    size, max_pixels = int(image_size), max_image_pixels()
     errors = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError)
-    try:
-        return batch_decoder(image_size)(tf.constant(list(group), dtype=tf.string),
-                                         tf.constant(max_pixels, dtype=tf.int64))
-    except errors:
-        pass
-    # The batch failed somewhere: decode one by one to name the culprit.
-    for index, data in enumerate(group, offset):
+    decoded, offset = [], first_index
+    for group in _pixel_groups(encoded, size, DECODE_PIXEL_BUDGET):
         try:
-            decode_image(data, image_size, max_pixels)
-        except errors as error:
-            raise InvalidImageError(f"item {index}: cannot decode image ({_tf_reason(error)})") from None
-    raise InvalidImageError("the batch could not be decoded")  # pragma: no cover - defensive
-
-
-def preprocess(encoded: Sequence[bytes], image_size: int) -> np.ndarray:
-    """:func:`decode_batch` as a numpy array (what the model sees)."""
-    return decode_batch(encoded, image_size).numpy()
+            decoded.append(batch_decoder(size)(tf.constant(list(group), dtype=tf.string),
+                                               tf.constant(max_pixels, dtype=tf.int64)))
+        except errors:
+            # The group failed somewhere: decode one by one to name the culprit.
+            for index, data in enumerate(group, offset):
+                try:
+                    decode_image(data, size, max_pixels)
+                except errors as error:
+                    raise InvalidImageError(f"item {index}: cannot decode image ({_tf_reason(error)})") from None
+            raise InvalidImageError("the batch could not be decoded") from None  # pragma: no cover - defensive
+        offset += len(group)
+    return (decoded[0] if len(decoded) == 1 else tf.concat(decoded, axis=0)).numpy()
 
 
 def _tf_reason(error: Exception) -> str:
@@ -282,13 +212,6 @@ def _tf_reason(error: Exception) -> str:
     text = str(getattr(error, "message", "") or error).splitlines()[0]
     text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
     return text.split(" [Op:")[0].strip()[:160] or type(error).__name__
-
-
-def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
-    """Output frame: ``probability`` (float) and ``label`` (PNEUMONIA when ≥ threshold)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
-    labels = np.where(probabilities >= threshold, CLASSES[1], CLASSES[0])
-    return pd.DataFrame({"probability": probabilities, "label": labels.astype(object)})
 
 
 # ----------------------------------------------------------------------------- the pyfunc
@@ -300,16 +223,12 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the Keras file (safe mode: no code in it runs) and read the model config.
-
-        Raises:
-            ConfigError: ``PNEUMO_MAX_IMAGE_PIXELS`` or ``PNEUMO_MAX_BATCH_IMAGES`` is not a positive integer.
-        """
+        """Load the Keras file (safe mode: no code in it runs) and read the model config."""
         import keras
 
         from pneumo.calibration import Calibrator
 
-        # A bad limit setting should stop the server at start-up, not fail every request.
+        # A bad limit setting (ConfigError) should stop the server at start-up, not fail every request.
         max_image_pixels()
         max_batch_images()
         config = context.model_config or {}
@@ -318,47 +237,28 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         self.calibrator = Calibrator.from_config(config.get("calibration"))
         self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
 
-    def predict_probabilities(self, encoded: Sequence[bytes], *, explain: bool = False) -> tuple[np.ndarray, list[str]]:
-        """Calibrated pneumonia probabilities for encoded images, in chunks of :data:`CHUNK`.
+    # model_input is deliberately unannotated: MLflow would try to derive a schema from the hint.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+        """One row per image: calibrated ``probability`` and ``label`` (PNEUMONIA when ≥ the threshold).
 
-        Returns:
-            The probabilities, and with ``explain`` one base64 PNG heatmap overlay per image.
+        ``params={"explain": True}`` adds a ``heatmap`` column: a base64 PNG overlay per image (JSON
+        carries text). Images go to the model in chunks of :data:`CHUNK`.
         """
+        explain = bool((params or {}).get("explain", False))
+        encoded = as_encoded_images(model_input)
         outputs, overlays = [], []
         for start in range(0, len(encoded), CHUNK):
-            pixels = decode_batch(encoded[start:start + CHUNK], self.image_size, first_index=start)
+            pixels = preprocess(encoded[start:start + CHUNK], self.image_size, first_index=start)
             # An eager call: a tf.function per loaded model makes TensorFlow warn about retracing.
             outputs.append(np.asarray(self.model(pixels, training=False), dtype=np.float64).ravel())
             if explain:
-                overlays += _heatmap_overlays(self.model, pixels.numpy())
-        return self.calibrator.apply(np.concatenate(outputs)), overlays
+                from pneumo.explain import heatmaps, overlay_png
 
-    # model_input is deliberately unannotated: MLflow would try to derive a schema from the hint.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
-        """Score a batch of images.
-
-        Args:
-            context: MLflow's context (unused; everything is loaded in ``load_context``).
-            model_input: see :func:`as_encoded_images` for the accepted forms.
-            params: ``{"explain": true}`` adds a ``heatmap`` column (base64 PNG overlay per image).
-
-        Returns:
-            DataFrame with one row per image: ``probability`` (calibrated) and ``label`` (NORMAL/PNEUMONIA).
-
-        Raises:
-            InvalidImageError: an item is not an image; the message names its index.
-        """
-        explain = bool((params or {}).get("explain", False))
-        probabilities, overlays = self.predict_probabilities(as_encoded_images(model_input), explain=explain)
-        frame = label_frame(probabilities, self.threshold)
+                overlays += [base64.b64encode(overlay_png(image, heatmap)).decode("ascii")
+                             for image, heatmap in zip(pixels, heatmaps(self.model, pixels))]
+        probabilities = np.asarray(self.calibrator.apply(np.concatenate(outputs)), dtype=np.float64).ravel()
+        labels = np.where(probabilities >= self.threshold, CLASSES[1], CLASSES[0])
+        frame = pd.DataFrame({"probability": probabilities, "label": labels.astype(object)})
         if explain:
             frame["heatmap"] = overlays
         return frame
-
-
-def _heatmap_overlays(model: Any, pixels: np.ndarray) -> list[str]:
-    """What drove each prediction: a heatmap over the image, as base64 PNG (JSON carries text)."""
-    from pneumo.explain import heatmaps, overlay_png
-
-    return [base64.b64encode(overlay_png(image, heatmap)).decode("ascii")
-            for image, heatmap in zip(pixels, heatmaps(model, pixels))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Literal
 
@@ -34,11 +34,6 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def _z(confidence: float) -> float:
-    _check_confidence(confidence)
-    return NormalDist().inv_cdf((1 + confidence) / 2)
-
-
 def wilson(successes: int, trials: int, confidence: float = 0.95, *, design_effect: float = 1.0) -> Interval:
     """Wilson score interval for a proportion, optionally widened for clustered trials.
 
@@ -46,21 +41,13 @@ def wilson(successes: int, trials: int, confidence: float = 0.95, *, design_effe
     and does not collapse to a point when every trial succeeds (e.g. recall 390/390). With a
     design effect d the trials count as ``trials / d`` independent ones (the effective sample
     size of Korn & Graubard, 1998).
-
-    Args:
-        successes: trials that succeeded, ``0 ≤ successes ≤ trials``.
-        trials: trials, at least one.
-        confidence: two-sided coverage, e.g. 0.95.
-        design_effect: variance inflation from correlated trials (≥ 1); see patient_design_effect.
-
-    Returns:
-        The interval around ``successes / trials``.
     """
     if trials < 1 or not 0 <= successes <= trials:
         raise ValueError(f"need 0 ≤ successes ≤ trials and trials ≥ 1, got {successes}/{trials}")
     if not design_effect >= 1:
         raise ValueError(f"design effect must be ≥ 1, got {design_effect}")
-    z = _z(confidence)
+    _check_confidence(confidence)
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
     p = successes / trials
     n = trials / design_effect
     denominator = 1 + z * z / n
@@ -81,13 +68,7 @@ def patient_design_effect(successes: Sequence[int], trials: Sequence[int]) -> fl
     The ratio estimator's between-patient (linearised) variance over the binomial variance,
     floored at 1 as Korn & Graubard (1998) do: chance anti-correlation must not narrow an
     interval. Without any failure or success the variance says nothing, so that also gives 1.
-
-    Args:
-        successes: per patient, its successful trials.
-        trials: per patient, its trials (patients without trials are ignored).
-
-    Returns:
-        The design effect, ≥ 1; exactly 1 when every patient has at most one trial.
+    Patients without trials are ignored; with at most one trial each the effect is exactly 1.
     """
     hits = np.asarray(successes, dtype=float).ravel()
     sizes = np.asarray(trials, dtype=float).ravel()
@@ -157,14 +138,7 @@ def _ranking_aucs(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) ->
 
     A replicate is the original images each repeated ``weight`` times; repeats tie, so it is
     enough to sum the weights of positives and negatives per distinct score, once per row.
-
-    Args:
-        labels: (images,) 0/1.
-        probs: (images,) scores.
-        weights: (replicates × images) multiplicities.
-
-    Returns:
-        ``(roc_auc, average_precision)``, each (replicates,), NaN where a class is absent.
+    ``weights`` is (replicates × images); each result is (replicates,), NaN where a class is absent.
     """
     order = np.argsort(-probs, kind="stable")
     ranked = probs[order]
@@ -202,41 +176,19 @@ def _bootstrap_method(replicates: int, seed: int, confidence: float, dropped: in
 
 
 def metric_intervals(
-    y_true: Sequence[int],
-    y_prob: Sequence[float],
-    threshold: float,
-    groups: Sequence[object],
-    *,
-    score_weight: float = 2.0,
-    replicates: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
+    y_true: Sequence[int], y_prob: Sequence[float], threshold: float, groups: Sequence[object], *,
+    score_weight: float = 2.0, replicates: int = 2000, seed: int = 0, confidence: float = 0.95,
 ) -> dict[str, Interval]:
-    """Point estimates and 95 % (``confidence``) intervals of the reported metrics, by patient.
+    """Point estimates (equal to compute_metrics') and ``confidence`` intervals of ``METRICS``, by patient.
 
-    A patient's images are correlated, so no interval treats them as independent:
-
-    - recall, specificity, precision, accuracy (proportions): Wilson score interval widened by
-      the patient design effect; plain Wilson when each patient contributes at most one trial.
-      Closed form, so no Monte Carlo noise, and it keeps its coverage near 0 and 1 and on small
-      splits, where the percentile bootstrap falls short (docs/statistics.md has the figures).
-    - F2, ROC AUC, PR AUC, selection score: patient cluster bootstrap, percentile interval. Each
-      replicate draws as many patients as there are, with replacement, with all their images;
-      with one image per patient that is the ordinary bootstrap. Replicates where a metric is
-      undefined (no positive or no negative drawn) are dropped and counted in ``method``.
-
-    Args:
-        y_true: 0/1 labels, 1 = PNEUMONIA.
-        y_prob: pneumonia probabilities.
-        threshold: prob ≥ threshold → PNEUMONIA, as in compute_metrics.
-        groups: each image's patient id (any hashable values).
-        score_weight: recall weight of the selection score.
-        replicates: bootstrap replicates; 2000 keep the bounds stable to 0.005 (docs/statistics.md).
-        seed: bootstrap seed; a fixed seed gives the same intervals on every run.
-        confidence: two-sided coverage.
-
-    Returns:
-        ``{metric: Interval}`` for each name in ``METRICS``; values equal compute_metrics'.
+    A patient's images are correlated, so no interval treats them as independent (``groups`` holds
+    each image's patient id). Proportions (recall, specificity, precision, accuracy) get a Wilson
+    interval widened by the patient design effect: closed form, no Monte Carlo noise, and it keeps
+    its coverage near 0 and 1 and on small splits, where the percentile bootstrap falls short.
+    F2, the AUCs and the selection score get a patient cluster bootstrap percentile interval (with
+    one image per patient, the ordinary bootstrap); replicates where a metric is undefined (no
+    positive or no negative drawn) are dropped and counted in ``method``. 2000 replicates keep the
+    bounds stable to 0.005 (docs/statistics.md has the figures); a fixed seed gives the same intervals.
     """
     labels, patient, n_patients = _prepare(y_true, groups)
     point = compute_metrics(labels, y_prob, threshold)  # validates probabilities; the values to report
@@ -255,9 +207,9 @@ def metric_intervals(
             continue
         hits = np.bincount(patient[mask], weights=correct[mask], minlength=n_patients)
         sizes = np.bincount(patient[mask], minlength=n_patients)
-        closed_form = wilson(int(hits.sum()), int(sizes.sum()), confidence,
-                             design_effect=patient_design_effect(hits, sizes))
-        intervals[name] = Interval(point[name], closed_form.low, closed_form.high, closed_form.method)
+        design_effect = patient_design_effect(hits, sizes)
+        interval = wilson(int(hits.sum()), int(sizes.sum()), confidence, design_effect=design_effect)
+        intervals[name] = replace(interval, value=point[name])
 
     counts = _replicate_counts(n_patients, replicates, seed)
     samples = dict(zip(("f2", "selection_score"), _f2_and_score(
@@ -265,8 +217,7 @@ def metric_intervals(
     # In chunks of replicates so the (replicates × images) work arrays stay near 16 MB on big splits.
     chunk = max(1, 2_000_000 // labels.size)
     aucs = [_ranking_aucs(labels, probs, counts[start:start + chunk, patient]) for start in range(0, replicates, chunk)]
-    samples["roc_auc"] = np.concatenate([roc for roc, _ in aucs])
-    samples["pr_auc"] = np.concatenate([average_precision for _, average_precision in aucs])
+    samples["roc_auc"], samples["pr_auc"] = (np.concatenate(parts) for parts in zip(*aucs))
     for name in ("f2", "roc_auc", "pr_auc", "selection_score"):
         low, high, dropped = _percentile_bounds(samples[name], confidence)
         intervals[name] = Interval(point[name], low, high, _bootstrap_method(replicates, seed, confidence, dropped))
@@ -291,14 +242,7 @@ class PairedComparison:
         superiority: "better" when ``low > margin``; "not-better" when ``high ≤ margin`` (even the
         optimistic end does not clear it: an identical model, [0, 0], is never better); otherwise
         "undecided". non-inferiority: the bar is ``-margin`` instead, so "better" means "no worse
-        than the margin allows", not "better than the champion".
-
-        Args:
-            margin: how much (≥ 0) the score must gain (superiority) or may lose (non-inferiority).
-            mode: "superiority" or "non-inferiority".
-
-        Returns:
-            "better", "not-better" or "undecided" (also when the interval is undefined).
+        than the margin allows", not "better than the champion". An undefined interval is "undecided".
         """
         bar = self._bar(margin, mode)
         if self.low > bar:
@@ -308,15 +252,7 @@ class PairedComparison:
         return "undecided"
 
     def describe(self, margin: float = 0.0, mode: Mode = "superiority") -> str:
-        """The verdict as one line for the decision record, e.g. "undecided: ..., difference 0.012 [-0.031, 0.055]".
-
-        Args:
-            margin: as for :meth:`verdict`.
-            mode: as for :meth:`verdict`.
-
-        Returns:
-            The sentence.
-        """
+        """The verdict as one line for the decision record, e.g. "undecided: ..., difference 0.012 [-0.031, 0.055]"."""
         verdict, bar = self.verdict(margin, mode), self._bar(margin, mode)
         difference = f"difference {self.diff:.3f} [{self.low:.3f}, {self.high:.3f}]"
         if verdict == "undecided":
@@ -341,38 +277,17 @@ class PairedComparison:
 
 
 def paired_score_difference(
-    y_true: Sequence[int],
-    prob_new: Sequence[float],
-    threshold_new: float,
-    prob_old: Sequence[float],
-    threshold_old: float,
-    groups: Sequence[object],
-    *,
-    score_weight: float = 2.0,
-    replicates: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
+    y_true: Sequence[int], prob_new: Sequence[float], threshold_new: float,
+    prob_old: Sequence[float], threshold_old: float, groups: Sequence[object], *,
+    score_weight: float = 2.0, replicates: int = 2000, seed: int = 0, confidence: float = 0.95,
 ) -> PairedComparison:
     """Selection score of the challenger minus the champion's, with a paired patient bootstrap interval.
 
     Both models are scored on the same resampled patients in every replicate, so the variation
     they share (which patients happen to be easy) cancels and the interval is that of the
-    difference, far narrower than comparing two separate intervals.
-
-    Args:
-        y_true: 0/1 labels of the test images, 1 = PNEUMONIA.
-        prob_new: challenger probabilities for those images.
-        threshold_new: challenger's own decision threshold.
-        prob_old: champion probabilities for the same images, in the same order.
-        threshold_old: champion's own decision threshold.
-        groups: each image's patient id.
-        score_weight: recall weight of the selection score.
-        replicates: bootstrap replicates.
-        seed: bootstrap seed.
-        confidence: two-sided coverage.
-
-    Returns:
-        The comparison; call :meth:`PairedComparison.verdict` to decide.
+    difference, far narrower than comparing two separate intervals. Each model is judged at its own
+    threshold; ``prob_old`` must list the same images in the same order. Decide with
+    :meth:`PairedComparison.verdict`.
     """
     labels, patient, n_patients = _prepare(y_true, groups)
     counts = _replicate_counts(n_patients, replicates, seed)
@@ -386,11 +301,7 @@ def paired_score_difference(
     low, high, dropped = _percentile_bounds(replicate_diffs, confidence)
     defined = replicate_diffs[~np.isnan(replicate_diffs)]
     return PairedComparison(
-        diff=float(diff),
-        low=low,
-        high=high,
-        p_better=float(np.mean(defined > 0)) if defined.size else math.nan,
-        n_images=int(labels.size),
-        n_patients=n_patients,
+        diff=float(diff), low=low, high=high, p_better=float(np.mean(defined > 0)) if defined.size else math.nan,
+        n_images=int(labels.size), n_patients=n_patients,
         method=_bootstrap_method(replicates, seed, confidence, dropped, paired=True),
     )

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +76,7 @@ class SynthReport:
     root: Path
     seed: int
     scale: float
+    test_scale: float | None = field(default=None, kw_only=True)  # None: the test split follows ``scale``
     image_kind: str
     counts: dict[str, dict[str, int]]
     images: int
@@ -83,29 +84,13 @@ class SynthReport:
     patients: int
     ds_store_files: int
     seconds: float
-    test_scale: float | None = None  # None: the test split follows ``scale``
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (paths as strings).
-
-        Returns:
-            A plain dict of the report's fields.
-        """
-        return {
-            "out": str(self.out),
-            "root": str(self.root),
-            "seed": self.seed,
-            "scale": self.scale,
-            "test_scale": self.test_scale,
-            "image_kind": self.image_kind,
-            "counts": {split: dict(by_class) for split, by_class in self.counts.items()},
-            "images": self.images,
-            "rgb_images": self.rgb_images,
-            "patients": self.patients,
-            "ds_store_files": self.ds_store_files,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images / self.seconds, 1) if self.seconds > 0 else None,
-        }
+        """JSON-ready form (paths as strings)."""
+        report = asdict(self)  # in field order, counts copied
+        report.update(out=str(self.out), root=str(self.root), seconds=round(self.seconds, 3))
+        report["images_per_second"] = round(self.images / self.seconds, 1) if self.seconds > 0 else None
+        return report
 
 
 @dataclass(frozen=True)
@@ -134,29 +119,19 @@ def _check_scale(scale: float, name: str = "scale") -> float:
 
 
 def split_counts(scale: float, test_scale: float | None = None) -> dict[str, dict[str, int]]:
-    """Images per split and class for a scale (1.0 = the real Kaggle counts).
+    """``{split: {class: count}}`` for a scale in (0, 1] (1.0 = the real Kaggle counts).
 
-    Args:
-        scale: Fraction of the real dataset, in (0, 1].
-        test_scale: Fraction of the real test split (234 + 390) in (0, 1]; ``None`` follows
-            ``scale``. A larger test split measures candidates more tightly without making
-            training any longer; the test split keeps the Kaggle class ratio either way.
-
-    Returns:
-        ``{split: {class: count}}`` for train, val and test.
-
-    Raises:
-        SynthScaleError: ``scale`` or ``test_scale`` is not in (0, 1] (also a ``ValueError``).
+    ``test_scale`` (``None``: follow ``scale``) sizes the test split alone: a larger one measures
+    candidates more tightly without making training longer; it keeps the Kaggle class ratio.
+    Raises SynthScaleError (a ValueError) for a scale outside (0, 1].
     """
     scale = _check_scale(scale)
-    scales = {split: scale for split in REAL_COUNTS}
-    if test_scale is not None:
-        scales["test"] = _check_scale(test_scale, "test_scale")
+    test_scale = scale if test_scale is None else _check_scale(test_scale, "test_scale")
     counts: dict[str, dict[str, int]] = {}
     for split, by_class in REAL_COUNTS.items():
         counts[split] = {}
         for cls, real in by_class.items():
-            scaled = int(real * scales[split] + 0.5)  # half-up, not Python's banker's rounding
+            scaled = int(real * (test_scale if split == "test" else scale) + 0.5)  # half-up, not banker's rounding
             if split == "val":
                 counts[split][cls] = min(real, max(MIN_VAL_PER_CLASS, scaled))
             else:
@@ -164,10 +139,9 @@ def split_counts(scale: float, test_scale: float | None = None) -> dict[str, dic
     return counts
 
 
-def _plan(seed: int, scale: float, image_kind: str, test_scale: float | None = None) -> list[_Spec]:
+def _plan(seed: int, counts: dict[str, dict[str, int]], image_kind: str) -> list[_Spec]:
     """Decide every file name, patient, type, mode and size up front (so the report needs no decoding)."""
     rng = np.random.default_rng([seed, _PLAN])
-    counts = split_counts(scale, test_scale)
     lo, hi = SIZE_RANGE[image_kind]
     rows: list[tuple[str, int, str, int]] = []
     person = 0  # personN counter, shared by all splits so ids never repeat across splits
@@ -205,17 +179,8 @@ def _plan(seed: int, scale: float, image_kind: str, test_scale: float | None = N
     widths = rng.integers(lo, hi + 1, size=total)
     aspects = rng.uniform(*ASPECT_RANGE, size=total)
     return [
-        _Spec(
-            index=i,
-            relpath=relpath,
-            label=label,
-            subtype=subtype,
-            patient=patient,
-            rgb=bool(rgb[i]),
-            width=int(widths[i]),
-            height=max(1, int(round(widths[i] * aspects[i]))),
-        )
-        for i, (relpath, label, subtype, patient) in enumerate(rows)
+        _Spec(i, *row, rgb=bool(rgb[i]), width=int(widths[i]), height=max(1, int(round(widths[i] * aspects[i]))))
+        for i, row in enumerate(rows)
     ]
 
 
@@ -265,8 +230,7 @@ def _draw(spec: _Spec, seed: int, base_h: int, base_w: int) -> np.ndarray:
     img += 0.16 * spine
     # Lungs narrow towards the apex; the x stretch does that without a second shape.
     apex = 0.65 + 0.35 * np.clip((y + 0.75) / 0.9, 0.0, 1.0)
-    lung_l = _ellipse(x / apex, y, -0.42 * body_scale, -0.02, lung_rx, lung_ry, 0.2)
-    lung_r = _ellipse(x / apex, y, 0.42 * body_scale, -0.02, lung_rx, lung_ry, 0.2)
+    lung_l, lung_r = (_ellipse(x / apex, y, side * 0.42 * body_scale, -0.02, lung_rx, lung_ry, 0.2) for side in (-1, 1))
     lungs = np.maximum(lung_l, lung_r)
     img -= lung_dark * lungs
     heart = _ellipse(x, y, 0.08 * body_scale, 0.5, 0.34 * heart_size, 0.3 * heart_size, 1.2)
@@ -360,25 +324,13 @@ def generate_dataset(
 ) -> SynthReport:
     """Write a generated chest X-ray dataset in the Kaggle layout under ``out/chest_xray/``.
 
+    The same seed, scales and kind give byte-identical files; ``scale`` 1.0 writes 5,856 images,
+    ``test_scale`` sizes the test split alone (see :func:`split_counts`). ``image_kind`` "small" is
+    48-96 px wide (for tests), "real" 900-2000 px. ``progress(done, total)`` is called after each image.
     The tree is written to a hidden sibling folder and renamed into place at the end, so an
     interrupted run never leaves a half dataset that looks complete.
-
-    Args:
-        out: Folder that will hold ``chest_xray/`` (created if missing).
-        seed: Same seed, same scale and kind give byte-identical files.
-        scale: Fraction of the real counts in (0, 1]; 1.0 writes 5,856 images.
-        image_kind: ``"small"`` (48-96 px wide, for tests) or ``"real"`` (900-2000 px wide).
-        progress: Called as ``progress(done, total)`` after each image.
-        test_scale: Fraction of the real test split in (0, 1]; ``None`` follows ``scale``. Lets a
-            small, fast-to-train dataset still have a test split large enough to rank models.
-
-    Returns:
-        A :class:`SynthReport` with counts, RGB images, patients and the time taken.
-
-    Raises:
-        SynthScaleError: ``scale`` or ``test_scale`` not in (0, 1] (a ``ValueError``).
-        SynthKindError: unknown ``image_kind`` (a ``ValueError``).
-        SynthOutputExists: ``out/chest_xray`` already exists.
+    Raises SynthScaleError / SynthKindError (ValueErrors) for a bad scale or kind, and
+    SynthOutputExists when ``out/chest_xray`` already exists.
     """
     started = time.perf_counter()
     scale = _check_scale(scale)
@@ -393,7 +345,8 @@ def generate_dataset(
     root = out / "chest_xray"
     if root.exists():
         raise SynthOutputExists(f"{root} already exists; remove it or choose another output folder")
-    specs = _plan(seed, scale, image_kind, test_scale)
+    counts = split_counts(scale, test_scale)
+    specs = _plan(seed, counts, image_kind)
     tile = np.random.default_rng([seed, _TILE]).integers(-4, 5, size=_NOISE_TILE, dtype=np.int8).astype(np.int16)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -401,15 +354,12 @@ def generate_dataset(
     if staging.exists():
         shutil.rmtree(staging)  # our own leftover from a crashed run with the same pid
     try:
-        for split, by_class in REAL_COUNTS.items():
-            for cls in by_class:
-                (staging / split / cls).mkdir(parents=True)
-        total = len(specs)
         for done, spec in enumerate(specs, start=1):
-            relative = spec.relpath.removeprefix("chest_xray/")
-            (staging / relative).write_bytes(_encode(spec, seed, tile))
+            path = staging / spec.relpath.removeprefix("chest_xray/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_encode(spec, seed, tile))
             if progress is not None:
-                progress(done, total)
+                progress(done, len(specs))
         for folder in DS_STORE_DIRS:
             (staging / folder / ".DS_Store").write_bytes(DS_STORE_BYTES)
         staging.rename(root)
@@ -417,21 +367,8 @@ def generate_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    counts = {split: {cls: 0 for cls in by_class} for split, by_class in REAL_COUNTS.items()}
-    for spec in specs:
-        _, split, cls, _ = spec.relpath.split("/")
-        counts[split][cls] += 1
     return SynthReport(
-        out=out,
-        root=root,
-        seed=seed,
-        scale=scale,
-        image_kind=image_kind,
-        counts=counts,
-        images=len(specs),
-        rgb_images=sum(spec.rgb for spec in specs),
-        patients=len({spec.patient for spec in specs}),
-        ds_store_files=len(DS_STORE_DIRS),
-        seconds=time.perf_counter() - started,
-        test_scale=test_scale,
+        out=out, root=root, seed=seed, scale=scale, test_scale=test_scale, image_kind=image_kind, counts=counts,
+        images=len(specs), rgb_images=sum(spec.rgb for spec in specs), patients=len({spec.patient for spec in specs}),
+        ds_store_files=len(DS_STORE_DIRS), seconds=time.perf_counter() - started,
     )

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumo.errors import TrackingError
+from pneumo.errors import CandidateLoggingError, TrackingError
 from pneumo.mlflow_client import check_tracking_server, mlflow_client, one_line
 from pneumo.redaction import redact
 
@@ -145,20 +145,10 @@ def start_retraining(
     tracking_uri: str, experiment: str, source: str, fingerprint: str, config: Any, *,
     data_report: Mapping[str, Any] | None = None, manifest: Any = None, run_name: str | None = None,
 ) -> str:
-    """Check the server, then open the parent run of one retraining. Call this before training.
+    """Check the server, then open the parent run of one retraining (before training); returns its id.
 
-    Args:
-        tracking_uri: MLflow tracking URI.
-        experiment: experiment name (created when missing).
-        source: where the dataset came from (``s3://bucket/prefix`` or a local path).
-        fingerprint: dataset fingerprint; becomes the logged dataset's digest.
-        config: the run's configuration (pydantic model or mapping), logged as params and JSON.
-        data_report: ingest/validation report, logged as ``data_report.json``.
-        manifest: the manifest DataFrame, for the logged dataset's schema and row count.
-        run_name: parent run name (default ``retrain-<UTC time>``).
-
-    Returns:
-        The parent run id.
+    ``config`` is logged as params and ``config.json``, ``data_report`` as ``data_report.json``;
+    ``manifest`` gives the logged dataset its schema and row count.
 
     Raises:
         TrackingError: the server is unreachable or cannot store runs or artifacts.
@@ -223,47 +213,18 @@ def start_candidate(parent_run_id: str, name: str, *, tracking_uri: str | None =
     return run.info.run_id
 
 
-def model_params(model: Any) -> dict[str, str]:
-    """Parameters read off a compiled Keras model: optimizer, learning rate, frozen layers, sizes."""
-    params: dict[str, str] = {}
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        params["optimizer"] = type(optimizer).__name__
-        try:
-            params["learning_rate"] = f"{float(optimizer.learning_rate):.6g}"
-        except (TypeError, ValueError):
-            pass
-    frozen = [layer.name for layer in _leaf_layers(model) if not layer.trainable and layer.weights]
-    params["frozen_layers"] = str(len(frozen))
-    if frozen:
-        params["frozen_layer_names"] = ",".join(frozen)[:_MAX_PARAM]
-    params["trainable_params"] = str(sum(int(w.numpy().size) for w in model.trainable_weights))
-    params["non_trainable_params"] = str(sum(int(w.numpy().size) for w in model.non_trainable_weights))
-    params["input_shape"] = str(tuple(model.input_shape[1:]))
-    return params
-
-
-def _leaf_layers(model: Any) -> list[Any]:
-    """Layers including those of nested models (VGG16's base), leaves only."""
-    leaves = []
-    for layer in getattr(model, "layers", []):
-        leaves.extend(_leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
-    return leaves
-
-
 def log_candidate(
     run_id: str, result: Any, config: Any, *, data_report: Mapping[str, Any] | None = None,
     class_weight: Mapping[int, float] | None = None, tracking_uri: str | None = None,
 ) -> None:
-    """Log a :class:`pneumo.pipeline.CandidateResult` to its child run and close it; thread-safe.
+    """Log a :class:`pneumo.pipeline.CandidateResult` to its child run and close it (FAILED for a failed result).
 
-    Uses only explicit run ids (never MLflow's thread-local active run), so candidates trained in
-    concurrent threads can log at the same time. A failed result closes the run as FAILED with the
-    error as a tag.
+    Explicit run ids only (never MLflow's thread-local active run): candidates in concurrent threads log at once.
 
     Raises:
-        TrackingError: logging failed; the run is marked FAILED.
+        CandidateLoggingError: logging failed; the run is marked FAILED.
     """
+    from pneumo.models import model_params
     from pneumo.packaging import log_keras_model, log_serving_model
 
     client = mlflow_client(tracking_uri)
@@ -309,12 +270,6 @@ def log_candidate(
         raise CandidateLoggingError(f"logging candidate {result.name} to {redact(client.tracking_uri)} failed: "
                                     f"{one_line(error)}") from error
     client.set_terminated(run_id, status="FINISHED")
-
-
-class CandidateLoggingError(TrackingError):
-    """Logging a trained candidate failed; worth retrying, since the trained model is kept on disk."""
-
-    transient = True
 
 
 def _mark_failed(client: Any, run_id: str) -> None:

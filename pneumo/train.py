@@ -21,16 +21,12 @@ Log = Callable[[str], None]
 
 @dataclass
 class TrainResult:
-    """A trained model with its per-epoch history and how fast it trained."""
+    """A trained model, its per-epoch history, how fast it trained, and run params (epochs run, device)."""
 
     name: str
     model: keras.Model
     history: dict[str, list[float]]
-    epochs_run: int
-    seconds: float
     images_per_second: float
-    device: str
-    mixed_precision: bool
     params: dict[str, object] = field(default_factory=dict)
 
 
@@ -47,12 +43,9 @@ def configure_thread_pools(concurrent_tasks: int, intra_op: int | None = None) -
     them, and one left alone still gets every core. The inter-op pool (threads that schedule ops
     and wait on them) gets a few per task: a pool as small as the core count can starve when
     several threads run loops such as the served model's parallel decode at once.
+    ``intra_op`` caps the arithmetic threads (several worker processes on one machine).
     TensorFlow fixes its pools when its runtime starts, so this only works before any op has run
     in the process; later calls change nothing and return False.
-
-    Args:
-        concurrent_tasks: trainings (threads) this process runs at once.
-        intra_op: cap on the arithmetic threads (several worker processes on one machine), else all cores.
     """
     try:
         if intra_op:
@@ -91,20 +84,11 @@ def train_candidate(
     class_weight: dict[int, float] | None = None,
     log: Log = print,
 ) -> TrainResult:
-    """Build and fit one registered model.
+    """Build and fit one registered model (``train_images`` counts the images, for images/s).
 
     On a GPU with ``config.mixed_precision`` the model computes in float16 (output in float32);
     on CPU it trains unchanged in float32. ``keras.utils.set_random_seed`` is process-wide, so
     runs are reproducible when candidates train one per process (as on Dask/Prefect workers).
-
-    Args:
-        name: registered model name.
-        train_ds: batched, augmented training data.
-        val_ds: batched validation data (for per-epoch validation metrics and early stopping).
-        config: epochs, image size, seed, early stopping, mixed precision, weights.
-        train_images: number of training images (for images/s).
-        class_weight: loss weights per label, or None.
-        log: where progress lines go.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
@@ -142,9 +126,6 @@ def train_candidate(
         raise TrainingDiverged(f"{name}: weights became NaN/inf during training; "
                                "lower the learning rate or check the inputs")
     epochs_run = len(losses)
-    return TrainResult(
-        name=name, model=model, history=history, epochs_run=epochs_run, seconds=seconds,
-        images_per_second=train_images * epochs_run / seconds if seconds else 0.0,
-        device=device, mixed_precision=mixed,
-        params={"epochs_run": epochs_run, "device": device, "mixed_precision": mixed},
-    )
+    return TrainResult(name=name, model=model, history=history,
+                       images_per_second=train_images * epochs_run / seconds if seconds else 0.0,
+                       params={"epochs_run": epochs_run, "device": device, "mixed_precision": mixed})

@@ -15,10 +15,16 @@ import pytest
 from pneumo import lock, registry, tracking
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from pneumo.stats import Interval
+from pneumo.gate import Decision, Evaluation, floor_reasons
 from pneumo.pipeline import TestSet, read_test_set
 from pneumo.runs import TIE_BREAK_METRIC, candidate_runs, ranked_candidates
-from tests.plugins.mlflow_server import brightness_model, labelled_images, log_retraining, threshold_for
+from pneumo.stats import Interval
+from tests.plugins.mlflow_server import (
+    brightness_model,
+    labelled_images,
+    log_retraining,
+    threshold_for,
+)
 
 FINGERPRINT = "f" * 64
 # Gray levels of the NORMAL test images run 40..120 and PNEUMONIA 136..216 (10 each), so a
@@ -193,19 +199,19 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
 
 
 def test_floors_apply_to_the_lower_bound_unless_told_otherwise():
-    def evaluation(recall: float, low: float) -> registry.Evaluation:
+    def evaluation(recall: float, low: float) -> Evaluation:
         intervals = {"recall": Interval(recall, low, 1.0, "wilson"), "specificity": Interval(0.5, 0.4, 0.6, "wilson")}
-        return registry.Evaluation("models:/x", 0.5, {"recall": recall, "specificity": 0.5}, 0.8, intervals=intervals)
+        return Evaluation("models:/x", 0.5, {"recall": recall, "specificity": 0.5}, 0.8, intervals=intervals)
 
     gate = Gate(min_recall=0.95, min_specificity=0.6)
-    assert registry.floor_reasons(gate, evaluation(0.97, 0.91)) == [
+    assert floor_reasons(gate, evaluation(0.97, 0.91)) == [
         "test recall 0.9700 has its 95 % interval's lower bound 0.9100 below the floor 0.9500",
         "test specificity 0.5000 has its 95 % interval's lower bound 0.4000 below the floor 0.6000",
     ]
-    assert registry.floor_reasons(gate.model_copy(update={"floors_on": "point"}), evaluation(0.97, 0.91)) == [
+    assert floor_reasons(gate.model_copy(update={"floors_on": "point"}), evaluation(0.97, 0.91)) == [
         "test specificity 0.5000 is below the floor 0.6000",
     ]
-    assert registry.floor_reasons(Gate(min_recall=0.95), evaluation(0.99, 0.95)) == []  # inclusive
+    assert floor_reasons(Gate(min_recall=0.95), evaluation(0.99, 0.95)) == []  # inclusive
 
 
 def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, unique_name, model, test_set):
@@ -215,7 +221,7 @@ def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, uniq
     best = retraining(mlflow_uri, experiment, model, {"cnn": (BEST, 0.9)})
     good = retraining(mlflow_uri, experiment, model, {"cnn": (GOOD, 0.9)})
     barrier = threading.Barrier(2)
-    decisions: dict[str, registry.Decision] = {}
+    decisions: dict[str, Decision] = {}
     errors: list[BaseException] = []
 
     def run(label: str, parent: str) -> None:

@@ -31,13 +31,11 @@ except ImportError:  # pragma: no cover - Windows
 META_DIR = ".pneumo-cache"
 STATE_VERSION = 1
 _CHUNK = 1 << 20
+_READERS = threading.local()  # per thread: {cache root: nesting depth} of storage.reading() blocks
 
 
 def cache_dir(home: Path, source: str) -> Path:
-    """The local cache folder of a dataset source under ``home`` (one per source URI).
-
-    The flow's workers and ``pneumo promote`` both use it, so they share one cache per source.
-    """
+    """The cache folder of a source under ``home``: one per source, shared by the flow and ``pneumo promote``."""
     digest = hashlib.sha256(str(source).encode()).hexdigest()[:12]
     return Path(home) / "cache" / digest
 
@@ -71,7 +69,7 @@ class _Cache:
     def open(cls, root: Path | str) -> Iterator[_Cache]:
         """The cache at ``root`` under the exclusive lock: the only way to write into it."""
         root = _checked_root(root)
-        if _held_for_reading(root):
+        if getattr(_READERS, "roots", {}).get(str(root.resolve())):
             # flock locks belong to open files, not threads: our own shared lock would block us forever.
             raise StorageError(f"cannot update the cache {root} while this thread holds it for reading; "
                                "leave the storage.reading() block first")
@@ -120,12 +118,10 @@ class _Cache:
             except (ValueError, TypeError, KeyError):
                 continue  # a line cut short by a kill
 
-    def trusted(self, path: str, etag: str | None, size: int, md5: str | None = None) -> _Entry | None:
+    def trusted(self, path: str, etag: str, size: int, md5: str | None = None) -> _Entry | None:
         """The entry for ``path`` if the file on disk is the complete object with this ETag/size/MD5."""
         entry = self.entries.get(path)
-        if entry is None or entry.size != size:
-            return None
-        if etag is not None and entry.etag != etag:
+        if entry is None or entry.size != size or entry.etag != etag:
             return None
         if md5 is not None and entry.md5 != md5:
             return None
@@ -180,8 +176,8 @@ class _Cache:
     def target(self, path: str) -> Path:
         """Where ``path`` (already checked by :func:`unsafe_reason`) lives; its folder is created.
 
-        No folder on the way may be a symlink, so a link planted in the cache cannot redirect
-        writes outside it. Checked once per folder, not per file.
+        No folder on the way may be a symlink (checked once per folder), so a link planted in the
+        cache cannot redirect writes outside it.
         """
         target = self.root / path
         parent = str(target.parent)
@@ -224,13 +220,6 @@ def _flocked(lock_path: Path, *, exclusive: bool) -> Iterator[None]:
         yield
 
 
-_READERS = threading.local()  # per thread: {cache root: nesting depth} of storage.reading() blocks
-
-
-def _held_for_reading(root: Path) -> bool:
-    return bool(getattr(_READERS, "roots", {}).get(str(root.resolve())))
-
-
 @contextlib.contextmanager
 def reading(cache_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold a cache for reading: no sync or materialize can change its files until the block exits.
@@ -240,15 +229,7 @@ def reading(cache_dir: str | os.PathLike[str]) -> Iterator[Path]:
     reader to leave, and a reader waits for a running writer to finish. It does not check that
     the files are the ones a manifest pins: :func:`~pneumo.storage.materialized` does that too.
     Inside the block this thread must not sync or materialize into the same cache (refused).
-
-    Args:
-        cache_dir: the cache folder (created, like a first sync would, when missing).
-
-    Returns:
-        A context manager yielding the cache folder.
-
-    Raises:
-        StorageError: the folder is a file, or a non-empty folder that is not a pneumo cache.
+    The folder is created when missing; StorageError when it is a file or a foreign non-empty folder.
     """
     root = _checked_root(cache_dir)
     (root / META_DIR).mkdir(parents=True, exist_ok=True)
@@ -275,15 +256,13 @@ def _md5_file(path: Path) -> str:
 class _Md5Memo:
     """MD5s of local files keyed by (size, mtime): re-hashing 1.2 GB on every run is wasteful."""
 
-    def __init__(self, cache_dir: Path | None) -> None:
-        self.file = cache_dir / META_DIR / "local-md5.json" if cache_dir is not None else None
+    def __init__(self, cache_dir: str | os.PathLike[str] | None) -> None:
+        self.file = Path(cache_dir).expanduser() / META_DIR / "local-md5.json" if cache_dir is not None else None
         self.items: dict[str, list[Any]] = {}
         self.lock = threading.Lock()
         if self.file is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError, TypeError):
                 self.items = dict(json.loads(self.file.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                self.items = {}
 
     def md5(self, path: Path) -> tuple[int, str]:
         stat = path.stat()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from pneumo.layout import Ignored, ImageKey, classify
 from pneumo.storage.sources import unsafe_reason
@@ -18,43 +18,21 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Listed:
-    """One object of a listing that is a dataset image.
+    """One object of a listing that is a dataset image."""
 
-    Attributes:
-        info: the image's layout facts; ``info.path`` is the NFC spelling (the cache path).
-        key: the object's key as the store spells it (what a GET must ask for).
-        size: bytes, as listed.
-        etag: the listed ETag, without quotes.
-    """
-
-    info: ImageKey
-    key: str
+    info: ImageKey  # info.path is the NFC spelling: the cache path
+    key: str  # as the store spells it: what a GET must ask for
     size: int
-    etag: str
+    etag: str  # without quotes
 
 
 @dataclass
 class Selection:
-    """A listing sorted into images and skipped entries.
-
-    Attributes:
-        images: kept images by NFC path relative to the dataset root.
-        skipped: ``(path, reason)`` for every listed entry that is not an image, sorted.
-        refused: how many of the skipped entries were unsafe keys (see :func:`unsafe_reason`).
-    """
+    """A listing sorted into images (by NFC path) and sorted ``(path, reason)`` skipped entries."""
 
     images: dict[str, Listed] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    refused: int = 0
-
-
-@dataclass(frozen=True)
-class Spelling(Generic[T]):
-    """A name as stored (``raw``) with its NFC form and whatever the caller attaches."""
-
-    raw: str
-    nfc: str
-    item: T
+    refused: int = 0  # how many skipped entries were unsafe keys
 
 
 def nfc(path: str) -> str:
@@ -67,27 +45,26 @@ def printable(path: str) -> str:
     return ascii(path)[1:-1]
 
 
-def dedupe_spellings(spellings: Iterable[Spelling[T]]) -> tuple[dict[str, Spelling[T]], list[Spelling[T]]]:
-    """Keep one spelling per NFC name; the others are duplicates.
+def images_among(names: Iterable[tuple[str, T]], skipped: list[tuple[str, str]]) -> list[tuple[ImageKey, T]]:
+    """The dataset images among ``(name as stored, item)`` pairs, classified by NFC name, with their items.
 
-    The winner is deterministic: the spelling that already is NFC, else the smallest raw string.
-
-    Args:
-        spellings: names as stored, with their NFC forms.
-
-    Returns:
-        ``(kept by NFC name, duplicates)``.
+    One spelling per NFC name is kept, deterministically: the one that already is NFC, else the
+    smallest. The other spellings and the non-images are added to ``skipped``, which is then sorted.
     """
-    groups: dict[str, list[Spelling[T]]] = {}
-    for spelling in spellings:
-        groups.setdefault(spelling.nfc, []).append(spelling)
-    kept: dict[str, Spelling[T]] = {}
-    duplicates: list[Spelling[T]] = []
+    groups: dict[str, list[tuple[str, T]]] = {}
+    for raw, item in names:
+        groups.setdefault(nfc(raw), []).append((raw, item))
+    images: list[tuple[ImageKey, T]] = []
     for name, group in groups.items():
-        winner, *losers = sorted(group, key=lambda s: (s.raw != s.nfc, s.raw))
-        kept[name] = winner
-        duplicates.extend(losers)
-    return kept, duplicates
+        (_, item), *duplicates = sorted(group, key=lambda spelling: (spelling[0] != name, spelling[0]))
+        skipped.extend((printable(raw), UNICODE_DUPLICATE) for raw, _ in duplicates)
+        verdict = classify(name)
+        if isinstance(verdict, Ignored):
+            skipped.append((verdict.path, verdict.reason))
+        else:
+            images.append((verdict, item))
+    skipped.sort()
+    return images
 
 
 def is_folder_marker(relative: str, size: int) -> bool:
@@ -102,37 +79,20 @@ def is_folder_marker(relative: str, size: int) -> bool:
 
 
 def select(listing: Iterable[tuple[str, int, str]], base: str) -> Selection:
-    """Sort an S3 listing into dataset images (by NFC path) and skipped entries with reasons.
-
-    Args:
-        listing: ``(key, size, etag)`` per object.
-        base: the key prefix dataset paths are relative to.
-
-    Returns:
-        A :class:`Selection`.
-    """
+    """Sort an S3 listing of ``(key, size, etag)`` into dataset images and skipped entries; paths drop ``base``."""
     selection = Selection()
-    spellings: list[Spelling[tuple[str, int, str]]] = []
+    candidates: list[tuple[str, tuple[str, int, str]]] = []
     for key, size, etag in listing:
         relative = key[len(base):]
         if is_folder_marker(relative, size):
             selection.skipped.append((relative or "./", FOLDER_MARKER))
             continue
-        normal = nfc(relative)
-        reason = unsafe_reason(normal)
+        reason = unsafe_reason(nfc(relative))
         if reason is not None:
             selection.skipped.append((printable(relative), UNSAFE_PREFIX + reason))
             selection.refused += 1
             continue
-        spellings.append(Spelling(relative, normal, (key, size, etag)))
-    kept, duplicates = dedupe_spellings(spellings)
-    selection.skipped.extend((printable(d.raw), UNICODE_DUPLICATE) for d in duplicates)
-    for path, spelling in kept.items():
-        verdict = classify(path)
-        if isinstance(verdict, Ignored):
-            selection.skipped.append((verdict.path, verdict.reason))
-        else:
-            key, size, etag = spelling.item
-            selection.images[path] = Listed(verdict, key, size, etag)
-    selection.skipped.sort()
+        candidates.append((relative, (key, size, etag)))
+    for info, (key, size, etag) in images_among(candidates, selection.skipped):
+        selection.images[info.path] = Listed(info, key, size, etag)
     return selection

@@ -1,15 +1,14 @@
 """What an ingest produces: the manifest frame, its content fingerprint, and the sync/upload reports.
 
-Fingerprint: SHA-256 of the sorted ``path (NFC), MD5 of content, size`` lines. The MD5 is always
-computed from the bytes (while downloading, kept in the cache state): an ETag is the content MD5
-only for single-part objects in plain text or SSE-S3, never for multipart, SSE-KMS or SSE-C ones.
-A local folder and the same files in a bucket therefore give the same fingerprint either way.
+The fingerprint hashes content MD5s computed from the bytes, never ETags (which are no MD5 for
+multipart, SSE-KMS or SSE-C objects), so a local folder and the same files in a bucket agree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -56,45 +55,19 @@ class IngestReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (also what ``pneumo ingest --json`` prints)."""
-        return {
-            "source": self.source,
-            "endpoint": self.endpoint,
-            "root": self.root,
-            "fingerprint": self.fingerprint,
-            "listed": self.listed,
-            "images": self.images,
-            "downloaded": self.downloaded,
-            "reused": self.reused,
-            "removed": self.removed,
-            "refused": self.refused,
-            "skipped": len(self.skipped),
-            "skipped_by_reason": self.skipped_by_reason(),
-            "bytes_downloaded": self.bytes_downloaded,
-            "size_only": self.size_only,
-            "seconds": round(self.seconds, 3),
-            "counts": self.counts,
-            "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped],
-        }
+        return {**asdict(self), "skipped": len(self.skipped), "skipped_by_reason": self.skipped_by_reason(),
+                "seconds": round(self.seconds, 3),
+                "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped]}
 
 
 @dataclass
 class IngestResult:
-    """A synced dataset: its manifest, fingerprint, report, and the local folder holding it.
+    """A synced dataset: its manifest, fingerprint, report, and the local folder holding it."""
 
-    Attributes:
-        frame: one row per image; columns :data:`MANIFEST_COLUMNS` (``etag`` is the S3 ETag, or
-            the content MD5 for local files; ``md5`` is always the content MD5).
-        fingerprint: see :func:`fingerprint`.
-        report: the :class:`IngestReport`.
-        root: local folder containing ``chest_xray/`` (the cache for S3, the folder itself for a
-            local source).
-        source: the parsed source.
-    """
-
-    frame: pd.DataFrame
+    frame: pd.DataFrame  # MANIFEST_COLUMNS; etag is the S3 ETag (local files: the MD5), md5 the content MD5
     fingerprint: str
     report: IngestReport
-    root: Path
+    root: Path  # holds chest_xray/: the cache for S3, the folder itself for a local source
     source: Source
 
 
@@ -115,23 +88,15 @@ class UploadReport:
 
 
 def fingerprint(frame: pd.DataFrame) -> str:
-    """Stable content hash of a manifest: SHA-256 over sorted ``path, md5, bytes`` lines.
+    """SHA-256 over a manifest's sorted ``path, md5 (else etag), bytes`` lines: same files, same value.
 
-    Args:
-        frame: a manifest with ``path``, ``bytes`` and ``md5`` (or, failing that, ``etag``).
-
-    Returns:
-        64 hex digits; the same files give the same value whatever the source, row order or
-        Unicode normalization of the paths.
+    Independent of the source, the row order and the Unicode normalization of the paths.
     """
     digests = frame["md5"] if "md5" in frame.columns else frame["etag"]
     # NFC: a local copy of macOS-origin files keeps NFD names, the S3 cache stores NFC ones.
     lines = sorted(f"{unicodedata.normalize('NFC', str(p))}\t{d}\t{int(b)}\n"
                    for p, d, b in zip(frame["path"], digests, frame["bytes"]))
-    sha = hashlib.sha256()
-    for line in lines:
-        sha.update(line.encode("utf-8", "surrogatepass"))
-    return sha.hexdigest()
+    return hashlib.sha256("".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _pinned_md5(etag: str, md5: str | None) -> str | None:
@@ -158,3 +123,12 @@ def counts_by(frame: pd.DataFrame, column: str) -> dict[str, dict[str, int]]:
 def _row(key: ImageKey, size: int, etag: str, md5: str) -> dict[str, Any]:
     return {"path": key.path, "split": key.split, "label": key.label, "patient_id": key.patient_id,
             "bytes": size, "etag": etag, "md5": md5}
+
+
+def _result(src: Source, root: Path, rows: list[dict[str, Any]], started: float, **report: Any) -> IngestResult:
+    """The manifest, fingerprint and report of a sync whose images are ``rows``."""
+    frame = _build_frame(rows)
+    fp = fingerprint(frame)
+    summary = IngestReport(source=src.uri, root=str(root), fingerprint=fp, images=len(rows),
+                           seconds=time.perf_counter() - started, counts=counts_by(frame, "split"), **report)
+    return IngestResult(frame=frame, fingerprint=fp, report=summary, root=root, source=src)

@@ -1,16 +1,20 @@
-"""The only module that imports boto3/botocore: S3 clients, endpoints, reachability, error translation."""
+"""The only module that imports boto3/botocore: S3 clients, endpoints, reachability, body streaming, errors."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
-import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pneumo.errors import StorageError, TransientStorageError
+from pneumo.redaction import redact
+from pneumo.storage.cache import _CHUNK
 from pneumo.storage.report import _PLAIN_MD5
-from pneumo.storage.sources import Source, redact
+from pneumo.storage.sources import Source
 
 # Body-read attempts of our own: botocore retries requests, not a body cut off mid-stream.
 _BODY_ATTEMPTS = 6
@@ -52,33 +56,15 @@ class _S3:
         return f"s3://{self.bucket}/{key or ''} at {self.endpoint}"
 
 
-def _resolve_endpoint(endpoint_url: str | None) -> str | None:
-    if endpoint_url:
-        return endpoint_url
-    try:
-        from pneumo.config import Settings
-
-        return Settings().s3_endpoint_url
-    except Exception:  # noqa: BLE001 - a broken unrelated setting must not stop an ingest
-        return None
-
-
-_LOADER: Any = None
-_LOADER_LOCK = threading.Lock()
-
-
+@functools.cache
 def _shared_loader() -> Any:
     """One botocore data loader per process: it caches the parsed S3 model (~0.1 s per client).
 
     Sessions themselves are not shared, so credentials are resolved afresh for every client.
     """
-    global _LOADER
-    with _LOADER_LOCK:
-        if _LOADER is None:
-            from botocore.loaders import create_loader
+    from botocore.loaders import create_loader
 
-            _LOADER = create_loader()
-        return _LOADER
+    return create_loader()
 
 
 def _make_client(endpoint_url: str | None, workers: int) -> Any:
@@ -122,7 +108,13 @@ def _request_attempts() -> int:
 
 def _connect(source: Source, endpoint_url: str | None, workers: int) -> _S3:
     """A client (with retries) plus the names error messages need."""
-    endpoint_url = _resolve_endpoint(endpoint_url)
+    if not endpoint_url:
+        try:
+            from pneumo.config import Settings
+
+            endpoint_url = Settings().s3_endpoint_url
+        except Exception:  # noqa: BLE001 - a broken unrelated setting must not stop an ingest
+            endpoint_url = None
     try:
         client = _make_client(endpoint_url, workers)
     except Exception as exc:  # noqa: BLE001 - e.g. botocore's ValueError for a malformed endpoint URL
@@ -184,10 +176,8 @@ def _is_transient(exc: BaseException) -> bool:
 def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> StorageError:
     """One line naming the endpoint, bucket and key; never a trace, never a credential.
 
-    Returns:
-        A :class:`TransientStorageError` when the failure is one that passes (throttling, 5xx,
-        dropped connections: botocore's retries, or ours for bodies, are spent), else a
-        :class:`StorageError`.
+    A :class:`TransientStorageError` when the failure is one that passes (throttling, 5xx, dropped
+    connections) and only the retries ran out, else a :class:`StorageError`.
     """
     from botocore.exceptions import (
         ClientError,
@@ -226,10 +216,8 @@ def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> Stor
 class _Corrupt(Exception):
     """A body that ended early or hashed wrong; retried by :func:`pneumo.storage.transfer._retry`.
 
-    Attributes:
-        transient: whether it still counts as passing once our attempts are spent. A body cut
-            off every time is a flaky network; content that hashes wrong every time is an object
-            that does not match its ETag or checksum, and fetching it again will not change that.
+    ``transient``: whether it still counts as passing once our attempts are spent. A body cut off
+    every time is a flaky network; content that hashes wrong every time will not change.
     """
 
     def __init__(self, message: str, *, transient: bool) -> None:
@@ -237,19 +225,29 @@ class _Corrupt(Exception):
         self.transient = transient
 
 
-def _body_errors() -> tuple[type[BaseException], ...]:
-    """What a streamed body read raises when the connection drops or stalls."""
-    from botocore.exceptions import HTTPClientError, IncompleteReadError
+def _stream_to(body: Any, temporary: Path) -> tuple[int, str]:
+    """Write a streamed body to ``temporary``; returns (bytes received, content MD5)."""
+    from botocore.exceptions import (
+        FlexibleChecksumError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
     from urllib3.exceptions import HTTPError as Urllib3Error
 
-    return (HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError)
-
-
-def _checksum_errors() -> tuple[type[BaseException], ...]:
-    """What botocore raises at the end of a body whose stored checksum does not match."""
-    from botocore.exceptions import FlexibleChecksumError
-
-    return (FlexibleChecksumError,)
+    digest = hashlib.md5(usedforsecurity=False)
+    received = 0
+    with open(temporary, "wb") as handle:
+        try:
+            for chunk in body.iter_chunks(_CHUNK):
+                handle.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+        except (HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError) as exc:
+            # The connection dropped or stalled: the body is ours to retry, botocore has returned.
+            raise _Corrupt(f"connection lost while reading the body ({type(exc).__name__})", transient=True) from exc
+        except FlexibleChecksumError as exc:  # raised by botocore once the last byte is in
+            raise _Corrupt("content does not match the store's checksum", transient=False) from exc
+    return received, digest.hexdigest()
 
 
 def _etag_md5(etag: str, response: dict[str, Any]) -> str | None:

@@ -1,4 +1,4 @@
-"""Dataset source URIs: parsing, credential redaction, the unsafe-key rule, the no-images hint."""
+"""Dataset source URIs: parsing, and the rule for keys that must not become files."""
 
 from __future__ import annotations
 
@@ -13,27 +13,17 @@ from pneumo.errors import StorageError
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 @dataclass(frozen=True)
 class Source:
-    """A parsed dataset source.
+    """A parsed dataset source."""
 
-    Attributes:
-        scheme: ``"s3"`` or ``"file"``.
-        bucket: S3 bucket ("" for files).
-        prefix: S3 key prefix to list ("" or ending in "/").
-        base: S3 key prefix that dataset paths are relative to (``prefix`` itself, or its parent
-            when the URI points at the ``chest_xray/`` folder).
-        path: local folder (file sources).
-    """
-
-    scheme: str
+    scheme: str  # "s3" or "file"
     bucket: str = ""
-    prefix: str = ""
-    base: str = ""
-    path: Path | None = None
+    prefix: str = ""  # the S3 key prefix to list: "" or ending in "/"
+    base: str = ""  # what dataset paths are relative to: prefix, or its parent when that is chest_xray/
+    path: Path | None = None  # the local folder (file sources)
 
     @property
     def uri(self) -> str:
@@ -50,16 +40,8 @@ def parse_source(source: str | os.PathLike[str] | Source) -> Source:
     """Parse ``s3://bucket/prefix``, ``file:///path`` or a plain local path.
 
     The URI may point at the folder (prefix) that holds ``chest_xray/`` or at ``chest_xray/``
-    itself, like the local manifest accepts.
-
-    Args:
-        source: the URI or path.
-
-    Returns:
-        A :class:`Source`.
-
-    Raises:
-        StorageError: unsupported scheme, malformed bucket, credentials or a query in the URI.
+    itself, like the local manifest accepts. Raises StorageError for an unsupported scheme, a malformed
+    bucket, credentials or a query in the URI.
     """
     if isinstance(source, Source):
         return source
@@ -95,16 +77,6 @@ def parse_source(source: str | os.PathLike[str] | Source) -> Source:
     return Source(scheme="s3", bucket=bucket, prefix=prefix, base=base)
 
 
-def redact(text: str) -> str:
-    """Remove credentials (URL user-info, AWS secret values from the environment) from ``text``."""
-    text = re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
-    for name in _SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def unsafe_reason(relative: str) -> str | None:
     """Why a key (relative to the dataset root) must not become a file under the cache, or None.
 
@@ -129,9 +101,3 @@ def unsafe_reason(relative: str) -> str | None:
         return "path segment longer than 255 bytes"
     return None
 
-
-def _no_images_message(where: str, listed: int, skipped: list[tuple[str, str]]) -> str:
-    hint = "expected keys like chest_xray/train/NORMAL/<name>.jpeg below the source"
-    if any(path.split("/")[0] in ("train", "val", "test") for path, _ in skipped):
-        hint = "the source seems to point inside chest_xray/: use the prefix that holds chest_xray/"
-    return f"no dataset images in {where} ({listed} objects listed; {hint})"
