@@ -82,9 +82,8 @@ def measure(name: str, images: list[bytes], pixels: np.ndarray, seconds: float, 
     import mlflow.pyfunc
     import tensorflow as tf
 
-    from pneumo import serving
-    from pneumo.packaging import save_serving_model
     from pneumo.models import build_model
+    from pneumo.packaging import save_serving_model
 
     image_size = pixels.shape[1]
     keras.utils.set_random_seed(0)

@@ -1,9 +1,6 @@
-"""The README's main job: the retraining flow end to end on embedded defaults, in minutes on a CPU.
+"""``make demo``: the retraining flow end to end on a generated dataset, local sqlite MLflow and local Prefect.
 
-Generates a dataset (if absent) under ``.pneumo/demo-data``, tracks to a local sqlite MLflow store,
-runs Prefect locally (its database under ``.pneumo/prefect``), then prints the leaderboard, the
-promotion decision with the numbers it compared, the time and CPU it took, and how to open both
-UIs on what it produced.
+Prints the leaderboard, the promotion decision with the numbers it compared, time and CPU, and how to open both UIs.
 """
 
 from __future__ import annotations
@@ -51,11 +48,7 @@ def generate_demo_dataset(data_dir: Path) -> None:
 
 
 def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
-    """Demo parameters: all four models at 48 px for 8 epochs; the gate the README documents.
-
-    Without the ImageNet weights file (nothing is downloaded) VGG16 starts from random,
-    He-initialised weights (pneumo.models) and still learns the generated signal.
-    """
+    """All four models at 48 px for 8 epochs (VGG16 from random weights without the ImageNet file); the README gate."""
     from pneumo.config import Gate, RetrainParams, TrainConfig
 
     # The gate checks the lower bound of test recall's 95 % interval (~0.07 below the estimate on
@@ -64,8 +57,7 @@ def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after
     # validation loss: the seed's dense model swings between good and poor epochs on this data.
     train = TrainConfig(epochs=8, image_size=48, batch_size=32, recall_target=0.98, early_stopping=True,
                         patience=8, vgg16_weights="auto")
-    return RetrainParams(source=str(data_dir), train=train,
-                         gate=Gate(min_recall=0.85, min_specificity=0.5))
+    return RetrainParams(source=str(data_dir), train=train, gate=Gate(min_recall=0.85, min_specificity=0.5))
 
 
 def main() -> int:
@@ -102,11 +94,9 @@ def main() -> int:
 
 
 def _start_prefect_server() -> Future | None:
-    """Boot Prefect's temporary API server now, unless ``PREFECT_API_URL`` names one.
+    """Boot Prefect's temporary API server (~20 s of a core) while the dataset is generated and TensorFlow imports.
 
-    It takes ~20 s of one core in its own process; started here it boots while this process
-    generates the dataset and imports TensorFlow, instead of before them (the flow's client
-    then finds it running). Its start-up failure is raised by ``result()``.
+    None when ``PREFECT_API_URL`` names a server; a start-up failure is raised by ``result()``.
     """
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
@@ -120,8 +110,7 @@ def _start_prefect_server() -> Future | None:
 
 
 def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return sum(os.times()[:4])  # user + system, own and children's
 
 
 def print_summary(result: dict, params, experiment: str) -> None:  # noqa: ANN001 - RetrainParams

@@ -6,12 +6,9 @@ import argparse
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from typing import TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -19,6 +16,7 @@ from pneumo.config import Gate, Settings, TrainConfig
 from pneumo.errors import PneumoError
 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+
 
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up banner buries our progress lines; errors still show.
@@ -52,10 +50,11 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], on
             continue
         flag = "--" + name.replace("_", "-")
         text = f"{field.description or ''} (default {field.get_default(call_default_factory=True)})".strip()
+        text = text.replace("%", "%%")  # argparse formats help with %: "95 % interval" would crash --help
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            types = typing.get_args(field.annotation) or (field.annotation,)  # float | None → (float, None)
+            types = get_args(field.annotation) or (field.annotation,)  # float | None → (float, None)
             kind = next((t for t in (int, float) if t in types), str)
             parser.add_argument(flag, dest=name, type=kind, default=None, help=text)
 
@@ -66,55 +65,44 @@ def _model_from_flags(args: argparse.Namespace, model: type[ConfigModel]) -> Con
     return model.model_validate(given)
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    _add_model_flags(parser, TrainConfig)
-    _add_model_flags(parser, Gate, only=("score_weight",))
-    parser.add_argument("--out", type=Path, default=Path(".pneumo/runs"), help="where plots go")
-    parser.add_argument("--json", action="store_true", help="print machine-readable results")
-
-
 def _cmd_synth(args: argparse.Namespace) -> int:
-    if args.out.startswith("s3://") or args.to:
-        return _synth_to_s3(args)
-    from pneumo.synthetic import generate_dataset
-
-    report = generate_dataset(Path(args.out), seed=args.seed, scale=args.scale, image_kind=args.image_size,
-                              progress=_progress("generating"))
-    if args.json:
-        _print_json(report.to_dict())
-    else:
-        print(f"wrote {report.to_dict().get('images', '?')} images to {args.out}")
-    return 0
-
-
-def _synth_to_s3(args: argparse.Namespace) -> int:
-    """``pneumo synth s3://...`` (generate in a temp folder) or ``synth OUT --to s3://...``; then upload."""
+    """Generate into OUT; ``synth s3://...`` (generated in a temp folder) or ``synth OUT --to s3://...`` uploads too."""
+    import contextlib
     import tempfile
 
     from pneumo.errors import StorageError
     from pneumo.storage import parse_source, upload_tree
     from pneumo.synthetic import generate_dataset
 
-    target = args.to or args.out
-    dest = parse_source(target)  # a bad URI fails before minutes of generation
-    if dest.scheme != "s3":
+    target = args.to or (args.out if args.out.startswith("s3://") else None)
+    if target and (dest := parse_source(target)).scheme != "s3":  # a bad URI fails before minutes of generation
         raise StorageError(f"upload target must be an s3:// URI, got {target!r}")
-    with tempfile.TemporaryDirectory(prefix="pneumo-synth-") as scratch:
-        local = Path(scratch) if target == args.out else Path(args.out)
+    folder = tempfile.TemporaryDirectory(prefix="pneumo-synth-") if target == args.out else contextlib.nullcontext()
+    with folder as scratch:
+        local = Path(scratch or args.out)
         report = generate_dataset(local, seed=args.seed, scale=args.scale, image_kind=args.image_size,
                                   progress=_progress("generating"))
         upload = upload_tree(local / "chest_xray", f"s3://{dest.bucket}/{dest.base}chest_xray",
-                             endpoint_url=args.endpoint_url, progress=_progress("uploading"))
+                             endpoint_url=args.endpoint_url, progress=_progress("uploading")) if target else None
     if args.json:
-        _print_json({**report.to_dict(), "upload": upload.to_dict()})
-    else:
+        _print_json({**report.to_dict(), "upload": upload.to_dict()} if upload else report.to_dict())
+    elif upload:
         print(f"wrote {report.images} images; uploaded {upload.uploaded} files "
               f"({upload.unchanged} unchanged) to {target}")
+    else:
+        print(f"wrote {report.images} images to {args.out}")
     return 0
 
 
+def _print_counts(counts: dict[str, dict[str, int]], width: int, skipped: dict[str, int]) -> None:
+    """Images per split and label, then the files left out, by reason."""
+    for split, by_label in counts.items():
+        print(f"  {split:<{width}}" + "  ".join(f"{label} {count}" for label, count in by_label.items()))
+    for reason, count in skipped.items():
+        print(f"  skipped {count} ({reason})")
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from pneumo.config import Settings
     from pneumo.storage import sync
 
     cache = args.cache or Settings().home / "cache"
@@ -129,10 +117,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     print(f"{report.images} images from {report.source}: {report.downloaded} downloaded "
           f"({report.bytes_downloaded} bytes), {report.reused} reused, {report.removed} removed, "
           f"{len(report.skipped)} skipped in {report.seconds:.1f} s")
-    for split, counts in report.counts.items():
-        print(f"  {split:<6}" + "  ".join(f"{label} {count}" for label, count in counts.items()))
-    for reason, count in report.skipped_by_reason().items():
-        print(f"  skipped {count} ({reason})")
+    _print_counts(report.counts, 6, report.skipped_by_reason())
     print(f"fingerprint {result.fingerprint}")
     print(f"dataset folder {result.root}")
     return 0
@@ -148,13 +133,9 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data.report)
     else:
+        bad = {"bad-image": len(data.report["bad_images"])} if data.report["bad_images"] else {}
         print(f"{data.report['images']} images, {data.report['patients']} patients")
-        for subset, counts in data.report["subsets"].items():
-            print(f"  {subset:<11}" + "  ".join(f"{label} {count}" for label, count in counts.items()))
-        for reason, count in data.report["ingest"]["skipped_by_reason"].items():
-            print(f"  skipped {count} ({reason})")
-        if data.report["bad_images"]:
-            print(f"  skipped {len(data.report['bad_images'])} (bad-image)")
+        _print_counts(data.report["subsets"], 11, data.report["ingest"]["skipped_by_reason"] | bad)
     return 0
 
 
@@ -197,12 +178,10 @@ def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
 
 def _with_intervals(metrics: dict[str, float], intervals: dict[str, list[float]]) -> str:
     """``recall 0.9500 [0.9100, 0.9700], …`` for the gate's metrics."""
-    shown = []
-    for name in ("recall", "specificity", "roc_auc", "selection_score"):
-        if name in metrics:
-            bounds = intervals.get(name)
-            shown.append(f"{name} {metrics[name]:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""))
-    return ", ".join(shown)
+    from pneumo.leaderboard import with_interval
+
+    return ", ".join(f"{name} {with_interval(metrics[name], intervals.get(name))}"
+                     for name in ("recall", "specificity", "roc_auc", "selection_score") if name in metrics)
 
 
 def _print_champion(info: dict[str, Any]) -> None:
@@ -332,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train candidates on a local dataset and print a leaderboard")
     train.add_argument("model", help="a model name, a comma list of them, or 'all'")
     train.add_argument("--data", type=Path, required=True, help="folder holding chest_xray/")
-    _add_train_flags(train)
+    _add_model_flags(train, TrainConfig)
+    _add_model_flags(train, Gate, only=("score_weight",))
+    train.add_argument("--out", type=Path, default=Path(".pneumo/runs"), help="where plots go")
+    train.add_argument("--json", action="store_true", help="print machine-readable results")
     train.set_defaults(handler=_cmd_train)
 
     promote = sub.add_parser("promote", help="gate a retraining's best candidate against the champion")
@@ -362,14 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except PneumoError as error:
-        print(f"pneumo: error: {error}", file=sys.stderr)
-        return 2
-    except ValidationError as error:
+    except ValidationError as error:  # a ValueError too: caught first
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         print(f"pneumo: error: invalid parameter: {problems}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (PneumoError, FileNotFoundError, ValueError) as error:
         print(f"pneumo: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REGISTERED_MODEL = "pneumonia-classifier"
-DEFAULT_EXPERIMENT = "pneumonia-retraining"
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 
 
@@ -41,11 +40,8 @@ class TrainConfig(_Strict):
     mixed_precision: bool = Field(True, description="float16 compute on a GPU; ignored on CPU.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of train patients held out.")
     recall_target: float = Field(0.95, gt=0, le=1, description="Validation recall the tuned threshold keeps.")
-    vgg16_weights: str = Field(
-        "imagenet",
-        description="'imagenet' (Keras cache file), 'auto' (that file if present, else random), "
-        "a path to the no-top .h5 file, or 'none'.",
-    )
+    vgg16_weights: str = Field("imagenet", description="'imagenet' (Keras cache file), 'auto' (that file if "
+                               "present, else random), a path to the no-top .h5 file, or 'none'.")
 
     @field_validator("vgg16_weights")
     @classmethod
@@ -76,19 +72,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PNEUMO_", extra="ignore")
 
     home: Path = Field(Path(".pneumo"), description="Local working folder (cache, outputs).")
-    tracking_uri: str = Field(
-        "sqlite:///.pneumo/mlflow.db",
-        validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"),
-        description="MLflow tracking URI.",
-    )
-    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str = Field("sqlite:///.pneumo/mlflow.db", description="MLflow tracking URI.",
+                              validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"))
+    experiment: str = "pneumonia-retraining"
     registered_model: str = Field(DEFAULT_REGISTERED_MODEL, pattern=REGISTERED_MODEL_PATTERN)
     s3_endpoint_url: str | None = Field(
-        None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works."
-    )
+        None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works.")
     tf_threads: int | None = Field(
-        None, ge=1, description="TensorFlow intra-op threads per worker process (several workers per machine)."
-    )
+        None, ge=1, description="TensorFlow intra-op threads per worker process (several workers per machine).")
 
 
 def _all_models() -> list[str]:

@@ -44,15 +44,12 @@ class CheckedImages:
 
 
 def inspect_image(path: Path, max_pixels: int | None = None) -> tuple[int, int] | str:
-    """Check that a file decodes as an image, cheaply; never raises for a bad file.
+    """``(width, height)`` of a JPEG/PNG that decodes, else the reason it is bad; cheap, never raises for a bad file.
 
-    The size the header claims is checked against the pixel cap before Pillow opens the file,
-    so a decompression bomb costs a header read and is reported like any other bad image. JPEGs
-    are then decoded in draft mode (DCT scaling to about 1/8), which still walks every
-    compressed block and so still catches truncated files, at a fraction of the cost.
-
-    Returns ``(width, height)`` of a good image, otherwise the reason it is bad. ``max_pixels``
-    None reads :func:`pneumo.decode.max_image_pixels` now.
+    The size the header claims is checked against the pixel cap (``max_pixels``, default
+    :func:`pneumo.decode.max_image_pixels`) before Pillow opens the file, so a decompression bomb
+    costs a header read. JPEGs are then decoded in draft mode (DCT scaling to about 1/8), which
+    still walks every compressed block and so still catches truncated files, at a fraction of the cost.
     """
     cap = max_image_pixels() if max_pixels is None else max_pixels
     try:
@@ -62,7 +59,14 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> tuple[int, int] 
             claimed = header_size(stream)
         if claimed is not None and (reason := pixel_cap_reason(*claimed, cap)):
             return f"bad-image: {reason}"
-        return _decode_check(path)
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.format == "JPEG":
+                image.draft("L", (max(1, width // 8), max(1, height // 8)))
+            elif image.format != "PNG":
+                return f"bad-image: unsupported format {image.format}"
+            image.load()
+        return width, height
     except UnidentifiedImageError:
         return "bad-image: not a decodable image"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -78,29 +82,12 @@ def _first_line(error: Exception) -> str:
     return lines[0][:120] if lines else type(error).__name__
 
 
-def _decode_check(path: Path) -> tuple[int, int] | str:
-    """Open and decode one JPEG/PNG with Pillow (JPEG in draft mode); the size or the reason it is bad."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.format == "JPEG":
-            image.draft("L", (max(1, width // 8), max(1, height // 8)))
-        elif image.format not in ("PNG",):
-            return f"bad-image: unsupported format {image.format}"
-        image.load()
-    return width, height
-
-
 def validate_images(
-    root: Path,
-    frame: pd.DataFrame,
-    *,
-    workers: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    root: Path, frame: pd.DataFrame, *, workers: int = 8, progress: Callable[[int, int], None] | None = None,
 ) -> CheckedImages:
     """Decode-check every image of an ingested manifest frame, on ``workers`` threads (PIL releases the GIL).
 
-    Returns the good rows with ``width`` and ``height`` added, and the bad ones with their reasons
-    (among them images over the ``PNEUMO_MAX_IMAGE_PIXELS`` cap).
+    Returns the good rows with ``width`` and ``height`` added, and the bad ones with their reasons.
     """
     cap = max_image_pixels()  # once, so a bad setting fails here rather than once per image
     verdicts: list[tuple[int, int] | str] = []
@@ -109,10 +96,10 @@ def validate_images(
             verdicts.append(verdict)
             if progress is not None:
                 progress(done, len(frame))
-    good = [not isinstance(v, str) for v in verdicts]
-    result = frame.loc[good].copy()
-    result["width"] = [v[0] for v in verdicts if not isinstance(v, str)]
-    result["height"] = [v[1] for v in verdicts if not isinstance(v, str)]
+    sizes = [v for v in verdicts if not isinstance(v, str)]
+    result = frame.loc[[not isinstance(v, str) for v in verdicts]].copy()
+    result["width"] = [width for width, _ in sizes]
+    result["height"] = [height for _, height in sizes]
     bad = [Skipped(path, v) for path, v in zip(frame["path"], verdicts) if isinstance(v, str)]
     columns = [c for c in MANIFEST_COLUMNS if c in result.columns]
     columns += [c for c in result.columns if c not in columns]
@@ -120,13 +107,11 @@ def validate_images(
 
 
 def assign_subsets(frame: pd.DataFrame, val_fraction: float = 0.15, seed: int = 42) -> pd.DataFrame:
-    """Add a ``subset`` column: train / validation (carved from train) / test.
+    """Add a ``subset`` column: train / validation (``val_fraction`` of each class, carved from train) / test.
 
     The official ``val`` split (16 images) is too small to choose models or thresholds, so its
-    images join the train pool before a validation set is carved out. The carve is stratified by
-    class and grouped by patient: a patient's images all land on one side, so validation scores
-    are not inflated by near-duplicate views of a training patient. ``val_fraction`` is the share
-    of each class's train-pool images held out; ``seed`` makes the carve reproducible.
+    images join the train pool before validation is carved out, stratified by class and grouped
+    by patient: near-duplicate views of a training patient must not inflate validation scores.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -167,45 +152,24 @@ def augmentation(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
     """The seed's train-time augmentation (shear 0.2°, zoom ±20% per axis), for image batches."""
     import keras
 
-    shear = math.tan(math.radians(SEED_SHEAR_DEGREES))
-    layers = [
-        keras.layers.RandomShear(x_factor=shear, y_factor=shear, fill_mode="nearest", seed=seed),
-        keras.layers.RandomZoom(
-            height_factor=SEED_ZOOM, width_factor=SEED_ZOOM, fill_mode="nearest", seed=seed + 1
-        ),
-    ]
-
-    def apply(images: tf.Tensor) -> tf.Tensor:
-        for layer in layers:
-            images = layer(images, training=True)
-        return images
-
-    return apply
+    shear_factor = math.tan(math.radians(SEED_SHEAR_DEGREES))
+    shear = keras.layers.RandomShear(x_factor=shear_factor, y_factor=shear_factor, fill_mode="nearest", seed=seed)
+    zoom = keras.layers.RandomZoom(height_factor=SEED_ZOOM, width_factor=SEED_ZOOM, fill_mode="nearest", seed=seed + 1)
+    return lambda images: zoom(shear(images, training=True), training=True)
 
 
 def make_dataset(
-    root: Path,
-    paths: Sequence[str],
-    labels: Sequence[int],
-    *,
-    image_size: int,
-    batch_size: int,
-    training: bool,
-    augment: bool = True,
-    seed: int = 42,
-    cache: bool | str = True,
+    root: Path, paths: Sequence[str], labels: Sequence[int], *, image_size: int, batch_size: int, training: bool,
+    augment: bool = True, seed: int = 42, cache: bool | str = True,
 ) -> tf.data.Dataset:
-    """Build the input pipeline: read → decode → resize → cache → (shuffle, augment) → batch → prefetch.
+    """Batches of ``(float32 [b, size, size, 3] in 0..255, float32 [b] labels)``: read → decode → resize →
+    cache → (shuffle) → batch → (augment) → prefetch.
 
     Decoded images are cached as uint8 (a quarter of float32's memory), so only the first epoch
-    reads and decodes files. An image that fails to decode here (it passed the manifest's check,
-    so this is rare) is dropped with a warning instead of stopping training; so is one whose
-    header claims more pixels than ``PNEUMO_MAX_IMAGE_PIXELS`` (read when the pipeline is built),
-    before it is decoded. ``training`` shuffles and (with ``augment``) augments; ``cache`` True
-    caches in memory, a string to that file prefix, False not at all.
-
-    Returns:
-        Batches of ``(float32 [b, size, size, 3] in 0..255, float32 [b] labels)``.
+    reads and decodes files. An image that fails to decode here (rare: it passed the manifest's
+    check) or whose header claims more than ``PNEUMO_MAX_IMAGE_PIXELS`` is dropped with a warning
+    instead of stopping training. ``training`` shuffles and (with ``augment``) augments; ``cache``
+    True caches in memory, a string to that file prefix, False not at all.
     """
     import tensorflow as tf
 
@@ -239,14 +203,3 @@ def make_dataset(
     options.autotune.enabled = False
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-
-def subset_dataset(
-    root: Path, frame: pd.DataFrame, subset: str, *, image_size: int, batch_size: int,
-    augment: bool = True, seed: int = 42,
-) -> tf.data.Dataset:
-    """:func:`make_dataset` for one subset of a frame with a ``subset`` column."""
-    rows = frame[frame["subset"] == subset]
-    return make_dataset(
-        root, rows["path"].tolist(), rows["label"].tolist(), image_size=image_size,
-        batch_size=batch_size, training=subset == "train", augment=augment, seed=seed,
-    )

@@ -264,3 +264,28 @@ def contact_sheet(
         ax.set_title(caption, fontsize="small")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def explain_examples(model: keras.Model, dataset: tf.data.Dataset, labels: np.ndarray, probs: np.ndarray,
+                     threshold: float, out_dir: Path, name: str) -> dict[str, Path]:
+    """Heatmaps over a fixed sample of an unshuffled dataset's images (a few true/false positives/negatives each).
+
+    Returns ``{"gradcam": contact sheet, "gradcam/<kind>_<i>": overlay PNG, …}``.
+    """
+    order = [(kind, index) for kind, indices in pick_examples(labels, probs, threshold).items() for index in indices]
+    if not order:
+        return {}
+    wanted = {index for _, index in order}
+    found = {i: np.asarray(image) for i, (image, _) in enumerate(dataset.unbatch()) if i in wanted}
+    images = np.stack([found[index] for _, index in order])
+    maps = heatmaps(model, images)
+    method = "saliency" if last_conv_layer(model) is None else "HiResCAM"
+    files = {"gradcam": contact_sheet(
+        images, maps, [f"{kind.replace('_', ' ')} p={probs[index]:.2f}" for kind, index in order],
+        out_dir / "gradcam.png", f"{name}: {method} on test images (threshold {threshold:.3f})")}
+    for (kind, index), image, heatmap in zip(order, images, maps):
+        path = out_dir / "gradcam" / f"{kind}_{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(overlay_png(image, heatmap))
+        files[f"gradcam/{path.stem}"] = path
+    return files

@@ -14,11 +14,7 @@ Record = dict[str, Any]
 
 
 def leaderboard(results: Sequence[Any]) -> pd.DataFrame:
-    """One row per candidate (test metrics at the tuned threshold), in the order promotion ranks them.
-
-    Args:
-        results: ``CandidateResult`` objects or their ``summary()`` dicts (as flows pass them).
-    """
+    """One row per candidate (``CandidateResult`` or its ``summary()`` dict), in the order promotion ranks them."""
     from pneumo.gate import selection_rank
 
     summaries = [result if isinstance(result, Mapping) else result.summary() for result in results]
@@ -100,6 +96,11 @@ def _value(number: Any) -> str:
     return f"{number:.4f}" if isinstance(number, float) else str(number)
 
 
+def with_interval(value: float, bounds: Sequence[float] | None = None) -> str:
+    """``0.9500 [0.9100, 0.9700]`` (4 digits), or just the value when there is no interval."""
+    return f"{value:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else "")
+
+
 def decision_markdown(decision: Record | None, candidates: int, tracking_uri: str = "") -> str:
     """Human summary of the promotion decision (Prefect's markdown artifact), numbers rounded to 4 digits."""
     if decision is None:
@@ -116,11 +117,8 @@ def decision_markdown(decision: Record | None, candidates: int, tracking_uri: st
              f"- validation score: {_value(decision.get('validation_score'))}",
              f"- test split: {decision.get('n_test_images')} images, {decision.get('n_test_patients')} patients; "
              f"threshold {_value(decision.get('threshold'))}"]
-    for metric in ("recall", "specificity", "roc_auc"):
-        if metric in metrics:
-            bounds = intervals.get(metric)
-            shown = f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
-            lines.append(f"- test {metric}: {metrics[metric]:.4f}{shown}")
+    lines += [f"- test {metric}: {with_interval(metrics[metric], intervals.get(metric))}"
+              for metric in ("recall", "specificity", "roc_auc") if metric in metrics]
     lines.append(f"- test score: {_value(decision.get('score'))}")
     if decision.get("champion_version"):
         lines += [f"- champion version {decision['champion_version']} on the same images: test score "

@@ -22,32 +22,15 @@ VGG16_FIRST_TRAINABLE = "block4_conv1"  # the seed fine-tunes blocks 4-5 and fre
 class ModelSpec:
     """How to build one candidate: the architecture and the seed's optimizer for it."""
 
-    name: str
-    builder: Callable[..., keras.Model]
-    optimizer: str
+    builder: Callable[..., keras.Model]  # (image_size, weights=…) -> uncompiled keras.Model
+    optimizer: str  # a keras.optimizers class
     learning_rate: float
-    description: str
-    min_image_size: int
+    min_image_size: int = 16
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
 # Keras reads the global dtype policy when a layer is created; builds hold this lock so a
 # mixed-precision build in one thread cannot leak its policy into another thread's build.
 _POLICY_LOCK = threading.Lock()
-
-
-def register_model(
-    name: str, *, optimizer: str, learning_rate: float, description: str, min_image_size: int = 16
-) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
-    """Decorator adding a builder ``(image_size, **kwargs) -> uncompiled keras.Model`` to the registry."""
-
-    def add(builder: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, optimizer, learning_rate, description, min_image_size)
-        return builder
-
-    return add
 
 
 def list_models() -> list[str]:
@@ -56,11 +39,7 @@ def list_models() -> list[str]:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The registry entry for ``name``.
-
-    Raises:
-        ModelError: unknown name; the message lists the valid ones.
-    """
+    """The registry entry for ``name``; ModelError listing the valid names if there is none."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -83,9 +62,8 @@ def _output(x: keras.KerasTensor) -> keras.KerasTensor:
     return layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia_probability")(x)
 
 
-@register_model("dense", optimizer="sgd", learning_rate=0.01, description="Flatten → Dense 256-128-64-64")
 def dense(image_size: int, **_: object) -> keras.Model:
-    """The seed's fully connected baseline."""
+    """The seed's fully connected baseline: Flatten → Dense 256-128-64-64."""
     import keras
     from keras import layers
 
@@ -96,9 +74,8 @@ def dense(image_size: int, **_: object) -> keras.Model:
     return keras.Model(inputs, _output(x), name="dense")
 
 
-@register_model("cnn", optimizer="adam", learning_rate=0.001, description="Conv32-Pool ×2 → Dense128")
 def cnn(image_size: int, **_: object) -> keras.Model:
-    """The seed's small CNN."""
+    """The seed's small CNN: Conv32-Pool ×2 → Dense128."""
     import keras
     from keras import layers
 
@@ -111,13 +88,8 @@ def cnn(image_size: int, **_: object) -> keras.Model:
     return keras.Model(inputs, _output(x), name="cnn")
 
 
-@register_model(
-    "cnn_deep", optimizer="adam", learning_rate=0.001,
-    description="(Conv×2-Pool) 32/64/128 → Dense 1024-512-128 with dropout 0.3",
-    min_image_size=36,  # three (conv, conv, pool) stages need 36 px to leave a 1×1 map
-)
 def cnn_deep(image_size: int, **_: object) -> keras.Model:
-    """The seed's deeper CNN with dropout (its best model)."""
+    """The seed's deeper CNN with dropout (its best model): (Conv×2-Pool) 32/64/128 → Dense 1024-512-128."""
     import keras
     from keras import layers
 
@@ -136,11 +108,8 @@ def cnn_deep(image_size: int, **_: object) -> keras.Model:
 def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
     """Turn the ``vgg16_weights`` setting into a local file path (or None for random init).
 
-    Nothing is downloaded: ``"imagenet"`` means Keras's cache file, which must already exist;
-    ``"auto"`` uses that file when present and random initialisation otherwise.
-
-    Raises:
-        ModelError: the weights file is missing, naming the exact file expected.
+    Nothing is downloaded: ``"imagenet"`` means Keras's cache file, which must already exist
+    (ModelError naming the file expected otherwise); ``"auto"`` uses it when present, else random init.
     """
     if weights is None or str(weights).lower() == "none":
         return None
@@ -159,13 +128,8 @@ def resolve_vgg16_weights(weights: str | Path | None) -> str | None:
     return str(path)
 
 
-@register_model(
-    "vgg16", optimizer="rmsprop", learning_rate=1e-5,
-    description="VGG16 (blocks 4-5 trainable) → Dense 512-128 with dropout 0.3",
-    min_image_size=32,  # Keras's VGG16 refuses smaller inputs
-)
 def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object) -> keras.Model:
-    """The seed's VGG16 transfer model: ImageNet base without top, layers before block4 frozen."""
+    """The seed's VGG16 transfer model: ImageNet base without top, layers before block4 frozen → Dense 512-128."""
     import keras
     from keras import layers
 
@@ -173,7 +137,12 @@ def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object)
     weights_file = resolve_vgg16_weights(weights)
     base = keras.applications.VGG16(include_top=False, weights=weights_file, input_shape=(image_size, image_size, 3))
     if weights_file is None:
-        _he_initialise(base)
+        # Keras' default (Glorot) init halves the activations at each ReLU, so after 13 convolutions
+        # every prediction sits within 1e-5 of 0.5 and the model cannot learn; He init keeps their scale.
+        initializer = keras.initializers.HeUniform(seed=0)
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                layer.kernel.assign(initializer(layer.kernel.shape))
     trainable = False
     for layer in base.layers:
         trainable = trainable or layer.name == VGG16_FIRST_TRAINABLE
@@ -186,40 +155,22 @@ def vgg16(image_size: int, weights: str | Path | None = "imagenet", **_: object)
     return keras.Model(inputs, _output(x), name="vgg16")
 
 
-def _he_initialise(base: keras.Model) -> None:
-    """He-uniform conv kernels for a VGG16 that starts from random weights.
-
-    Keras' default (Glorot) halves the activations at each ReLU layer, so after 13 convolutions
-    the features are ~5e-4 and every prediction sits within 1e-5 of 0.5: the model cannot learn.
-    He initialisation keeps the activations' scale through the ReLUs (He et al., 2015).
-    """
-    import keras
-
-    initializer = keras.initializers.HeUniform(seed=0)
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            layer.kernel.assign(initializer(layer.kernel.shape))
-
-
-_OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}  # keras.optimizers classes
+_REGISTRY: dict[str, ModelSpec] = {  # in the seed article's order
+    "dense": ModelSpec(dense, "SGD", 0.01),
+    "cnn": ModelSpec(cnn, "Adam", 0.001),
+    "cnn_deep": ModelSpec(cnn_deep, "Adam", 0.001, min_image_size=36),  # three (conv, conv, pool) stages
+    "vgg16": ModelSpec(vgg16, "RMSprop", 1e-5, min_image_size=32),  # Keras's VGG16 refuses smaller inputs
+}
 
 
 def build_model(
-    name: str,
-    image_size: int = 120,
-    *,
-    learning_rate: float | None = None,
-    vgg16_weights: str | Path | None = "imagenet",
-    mixed_precision: bool = False,
-    compile: bool = True,
+    name: str, image_size: int = 120, *, learning_rate: float | None = None,
+    vgg16_weights: str | Path | None = "imagenet", mixed_precision: bool = False, compile: bool = True,
 ) -> keras.Model:
     """Build one of the registered architectures; ``compile`` attaches the seed's optimizer, loss and metrics.
 
     ``mixed_precision`` builds with the ``mixed_float16`` policy (GPUs only); ``learning_rate``
-    overrides the seed's.
-
-    Raises:
-        ModelError: unknown name or missing VGG16 weights file.
+    overrides the seed's. Raises ModelError for an unknown name or a missing VGG16 weights file.
     """
     import keras
 
@@ -236,7 +187,7 @@ def build_model(
     if compile:
         rate = learning_rate if learning_rate is not None else spec.learning_rate
         model.compile(
-            optimizer=getattr(keras.optimizers, _OPTIMIZERS[spec.optimizer])(learning_rate=rate),
+            optimizer=getattr(keras.optimizers, spec.optimizer)(learning_rate=rate),
             loss="binary_crossentropy",
             metrics=[
                 keras.metrics.BinaryAccuracy(name="accuracy"),

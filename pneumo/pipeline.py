@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pneumo import storage
 from pneumo.config import RetrainParams, Settings, TrainConfig
-from pneumo.data import CheckedImages, assign_subsets, class_weights, validate_images
+from pneumo.data import assign_subsets, class_weights, validate_images
 from pneumo.errors import CandidateFailed, DataError
 from pneumo.layout import CLASSES
 from pneumo.storage import IngestResult, cache_dir, counts_by
@@ -28,21 +31,15 @@ SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 # ----------------------------------------------------------------------------- data
 def ingest(source: str, settings: Settings, *, progress: Progress | None = None) -> IngestResult:
     """Sync a dataset source (S3 or a local folder) into this machine's cache for it."""
-    from pneumo import storage
-
     return storage.sync(source, cache_dir(settings.home, source), endpoint_url=settings.s3_endpoint_url,
                         progress=progress)
 
 
-@contextmanager
-def materialized(manifest: pd.DataFrame, source: str, settings: Settings) -> Iterator[Path]:
+def materialized(manifest: pd.DataFrame, source: str, settings: Settings) -> AbstractContextManager[Path]:
     """The pinned manifest's files on this machine (a worker may not have run the ingest), held for
     reading: no sync into the same cache (``pneumo promote``) can change them inside the block."""
-    from pneumo import storage
-
-    with storage.materialized(manifest, source, cache_dir(settings.home, source),
-                              endpoint_url=settings.s3_endpoint_url) as root:
-        yield root
+    return storage.materialized(manifest, source, cache_dir(settings.home, source),
+                                endpoint_url=settings.s3_endpoint_url)
 
 
 @dataclass
@@ -55,23 +52,8 @@ class PreparedData:
     class_weight: dict[int, float]
 
 
-def data_report(checked: CheckedImages, frame: pd.DataFrame) -> dict[str, Any]:
-    """Counts per on-disk split and per subset, and the images that do not decode."""
-    return {
-        "images": int(len(frame)),
-        "patients": int(frame["patient_id"].nunique()),
-        "splits": counts_by(frame, "split"),
-        "subsets": counts_by(frame, "subset"),
-        "bad_images": [asdict(item) for item in checked.bad],
-    }
-
-
 def check_subsets(frame: pd.DataFrame, min_per_class: int = 2) -> None:
-    """Fail early when a subset or a class is empty or too small to train or evaluate on.
-
-    Raises:
-        DataError: naming each subset/class that is short.
-    """
+    """Fail early (DataError naming each short subset/class) when one is too small to train or evaluate on."""
     counts = counts_by(frame, "subset")
     short = [f"{subset}/{label}={counts.get(subset, {}).get(label, 0)}"
              for subset in SUBSETS for label in CLASSES if counts.get(subset, {}).get(label, 0) < min_per_class]
@@ -86,16 +68,13 @@ def prepare_data(
     """Decode-check an ingested manifest, carve the patient-grouped validation split, check counts.
 
     ``cache`` (the source's cache folder) is held for reading while images are checked.
-
-    Raises:
-        DataError: a subset or class is too small.
     """
-    from pneumo import storage
-
     with storage.reading(cache) if cache is not None else nullcontext():
         checked = validate_images(Path(root), manifest, progress=progress)
     frame = assign_subsets(checked.frame, config.val_fraction, config.seed)
-    report = data_report(checked, frame)
+    report = {"images": len(frame), "patients": int(frame["patient_id"].nunique()),
+              "splits": counts_by(frame, "split"), "subsets": counts_by(frame, "subset"),
+              "bad_images": [asdict(item) for item in checked.bad]}
     for item in checked.bad:
         log(f"skipped bad image {item.path}: {item.reason}")
     check_subsets(frame, min_per_class)
@@ -124,11 +103,7 @@ class TestSet:
 
 
 def read_test_set(root: Path, frame: pd.DataFrame) -> TestSet:
-    """The test rows of a manifest (``subset`` column, else ``split``), read from ``root``.
-
-    Raises:
-        DataError: the manifest has no test image.
-    """
+    """The test rows of a manifest (``subset`` column, else ``split``), read from ``root``; DataError if none."""
     column = "subset" if "subset" in frame.columns else "split"
     rows = frame[frame[column] == "test"]
     if rows.empty:
@@ -175,43 +150,6 @@ def predict(model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(labels).astype(int), np.concatenate(probs)
 
 
-def _images_at(dataset: Any, indices: Sequence[int]) -> np.ndarray:
-    """The decoded images at ``indices`` of an unshuffled dataset, in that order."""
-    wanted, found, offset = set(indices), {}, 0
-    for images, _ in dataset:
-        batch = np.asarray(images)
-        found.update({offset + i: batch[i] for i in range(len(batch)) if offset + i in wanted})
-        offset += len(batch)
-    return np.stack([found[i] for i in indices])
-
-
-def explain_examples(model: Any, dataset: Any, labels: np.ndarray, probs: np.ndarray, threshold: float,
-                     out_dir: Path, name: str) -> dict[str, Path]:
-    """Heatmaps over a fixed sample of test images (a few true/false positives/negatives each).
-
-    Returns:
-        ``{"gradcam": contact sheet, "gradcam/<kind>_<i>": overlay PNG, …}``.
-    """
-    from pneumo import explain
-
-    picked = explain.pick_examples(labels, probs, threshold)
-    order = [(kind, index) for kind, indices in picked.items() for index in indices]
-    if not order:
-        return {}
-    images = _images_at(dataset, [index for _, index in order])
-    maps = explain.heatmaps(model, images)
-    method = "saliency" if explain.last_conv_layer(model) is None else "HiResCAM"
-    files = {"gradcam": explain.contact_sheet(
-        images, maps, [f"{kind.replace('_', ' ')} p={probs[index]:.2f}" for kind, index in order],
-        out_dir / "gradcam.png", f"{name}: {method} on test images (threshold {threshold:.3f})")}
-    for (kind, index), image, heatmap in zip(order, images, maps):
-        path = out_dir / "gradcam" / f"{kind}_{index}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(explain.overlay_png(image, heatmap))
-        files[f"gradcam/{path.stem}"] = path
-    return files
-
-
 def run_candidate(
     name: str, data: PreparedData, config: TrainConfig, out_dir: Path, *, score_weight: float = 2.0,
     log: Log = print,
@@ -223,15 +161,20 @@ def run_candidate(
     """
     from pneumo import evaluate
     from pneumo.calibration import fit_calibrator, plot_reliability
-    from pneumo.data import subset_dataset
+    from pneumo.data import make_dataset
+    from pneumo.explain import explain_examples
+    from pneumo.stats import metric_intervals
     from pneumo.train import train_candidate
 
     started = time.perf_counter()
     out_dir = Path(out_dir) / name
     try:
-        datasets = {subset: subset_dataset(data.root, data.frame, subset, image_size=config.image_size,
-                                           batch_size=config.batch_size, augment=config.augment, seed=config.seed)
-                    for subset in SUBSETS}
+        datasets = {}
+        for subset in SUBSETS:
+            rows = data.frame[data.frame["subset"] == subset]
+            datasets[subset] = make_dataset(
+                data.root, rows["path"].tolist(), rows["label"].tolist(), image_size=config.image_size,
+                batch_size=config.batch_size, training=subset == "train", augment=config.augment, seed=config.seed)
         trained = train_candidate(name, datasets["train"], datasets["validation"], config,
                                   train_images=int((data.frame["subset"] == "train").sum()),
                                   class_weight=data.class_weight, log=log)
@@ -241,14 +184,14 @@ def run_candidate(
         calibrator = fit_calibrator(val_true, val_raw)
         val_prob, test_prob = calibrator.apply(val_raw), calibrator.apply(test_raw)
         threshold, reached = evaluate.tune_threshold(val_true, val_prob, config.recall_target)
-        validation = {**evaluate.compute_metrics(val_true, val_prob, threshold),
-                      **_calibration_metrics(val_true, val_raw, val_prob)}
-        test = {**evaluate.compute_metrics(test_true, test_prob, threshold),
-                **_calibration_metrics(test_true, test_raw, test_prob)}
+        validation = _metrics(val_true, val_raw, val_prob, threshold)
+        test = _metrics(test_true, test_raw, test_prob, threshold)
         score = evaluate.selection_score(validation["recall"], validation["specificity"], score_weight)
-        intervals = {split: _intervals(labels, probs, threshold, _patients(data.frame, split, len(labels), log),
-                                       score_weight)
-                     for split, labels, probs in (("validation", val_true, val_prob), ("test", test_true, test_prob))}
+        intervals = {}
+        for split, labels, probs in (("validation", val_true, val_prob), ("test", test_true, test_prob)):
+            found = metric_intervals(labels, probs, threshold, _patients(data.frame, split, len(labels), log),
+                                     score_weight=score_weight)
+            intervals[split] = {metric: [interval.low, interval.high] for metric, interval in found.items()}
         artifacts = {
             "confusion_matrix": evaluate.plot_confusion_matrix(test, out_dir / "confusion_matrix.png",
                                                                f"{name}: test @ {threshold:.3f}"),
@@ -284,20 +227,15 @@ def _patients(frame: pd.DataFrame, subset: str, predicted: int, log: Log) -> lis
     return patients
 
 
-def _calibration_metrics(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
-    """ECE (15 bins) and Brier score of the served (calibrated) probabilities, and of the raw ones."""
+def _metrics(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, threshold: float) -> dict[str, float]:
+    """Metrics of the served (calibrated) probabilities at ``threshold``, plus ECE (15 bins) and Brier score
+    of the calibrated and the raw ones."""
     from pneumo.calibration import brier_score, expected_calibration_error
+    from pneumo.evaluate import compute_metrics
 
-    return {"ece": expected_calibration_error(labels, calibrated), "brier": brier_score(labels, calibrated),
+    return {**compute_metrics(labels, calibrated, threshold),
+            "ece": expected_calibration_error(labels, calibrated), "brier": brier_score(labels, calibrated),
             "ece_uncalibrated": expected_calibration_error(labels, raw), "brier_uncalibrated": brier_score(labels, raw)}
-
-
-def _intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, patients: list[str],
-               score_weight: float) -> dict[str, list[float]]:
-    from pneumo.stats import metric_intervals
-
-    found = metric_intervals(labels, probs, threshold, patients, score_weight=score_weight)
-    return {name: [interval.low, interval.high] for name, interval in found.items()}
 
 
 def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
@@ -308,19 +246,8 @@ def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None
     return max(survivors, key=lambda r: selection_rank(r.score, r.validation.get("roc_auc")), default=None)
 
 
-def _checkpoint(result: CandidateResult, run_id: str, folder: Path) -> None:
-    """Keep a trained candidate on the worker's disk until it is logged (a tracking outage loses nothing)."""
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    result.model.save(folder / "model.keras")
-    (folder / "result.json").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
-
-
 def _restore(folder: Path) -> tuple[CandidateResult, str] | None:
     """A candidate trained by an earlier attempt of this task and not yet logged, with its run id."""
-    import json
-
     import keras
 
     if not (folder / "result.json").is_file() or not (folder / "model.keras").is_file():
@@ -345,8 +272,6 @@ def train_and_log(
         CandidateFailed: the candidate produced no model (its FAILED run records why).
         TrackingError: logging failed (transient: the retry logs the kept model).
     """
-    import shutil
-
     from pneumo import tracking
     from pneumo.train import configure_thread_pools
 
@@ -365,8 +290,10 @@ def train_and_log(
         with materialized(manifest, params.source, settings) as root:  # held while training reads the files
             data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=weights)
             result = run_candidate(name, data, params.train, out_dir, score_weight=params.gate.score_weight, log=log)
-        if result.status == "ok":
-            _checkpoint(result, run_id, pending)
+        if result.status == "ok":  # kept until logged: a tracking outage loses nothing
+            pending.mkdir(parents=True, exist_ok=True)
+            result.model.save(pending / "model.keras")
+            (pending / "result.json").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
                            class_weight=weights, tracking_uri=params.tracking_uri)
     shutil.rmtree(pending, ignore_errors=True)

@@ -243,17 +243,13 @@ def _no_previous(client: Any, model_name: str) -> str:
 
 
 def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: float = 600.0) -> dict[str, Any]:
-    """Point ``champion`` back at ``previous-champion`` (under the promotion lock).
+    """Point ``champion`` back at ``previous-champion`` under the promotion lock; returns the new champion's
+    :func:`champion_info` plus ``rolled_back`` (the demoted version, tagged ``pneumo.rolled_back``).
 
-    The rolled-back version keeps its tags plus ``pneumo.rolled_back``; ``previous-champion``
-    is removed, so a second rollback fails instead of flip-flopping.
-
-    Returns:
-        The new champion's :func:`champion_info`, plus ``rolled_back`` (the demoted version).
+    ``previous-champion`` is removed, so a second rollback fails instead of flip-flopping.
 
     Raises:
-        PromotionError: there is no previous champion to go back to (or it was deleted), or its
-            model does not load (the alias stays where it is).
+        PromotionError: no previous champion (or it was deleted), or its model does not load (nothing changes).
     """
     import mlflow.pyfunc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -189,10 +190,13 @@ def log_leaderboard(parent_run_id: str, rows: Sequence[Mapping[str, Any]], *, tr
 def finish_retraining(parent_run_id: str, *, status: str = "FINISHED", error: str | None = None,
                       tracking_uri: str | None = None) -> None:
     """Close the parent run (``FINISHED``/``FAILED``/``KILLED``), recording ``error`` as a tag."""
-    client = mlflow_client(tracking_uri)
+    _close(mlflow_client(tracking_uri), parent_run_id, status, error)
+
+
+def _close(client: Any, run_id: str, status: str, error: str | None = None) -> None:
     if error:
-        client.set_tag(parent_run_id, TAG_ERROR, error[:5000])
-    client.set_terminated(parent_run_id, status=status)
+        client.set_tag(run_id, TAG_ERROR, error[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 # ----------------------------------------------------------------------------- child runs
@@ -229,12 +233,10 @@ def log_candidate(
 
     client = mlflow_client(tracking_uri)
     if result.status != "ok":
-        client.set_tag(run_id, TAG_ERROR, result.error[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        _close(client, run_id, "FAILED", result.error)
         return
     try:
-        params = {**flatten(config), **model_params(result.model), "model": result.name,
-                  "image_size": str(config.image_size)}
+        params = {**flatten(config), **model_params(result.model), "model": result.name}
         params.update({key: str(value)[:_MAX_PARAM] for key, value in result.params.items()})
         params["calibration"] = json.dumps(result.calibration)
         params.update({f"class_weight_{label}": f"{float(w):.6g}" for label, w in (class_weight or {}).items()})
@@ -266,15 +268,8 @@ def log_candidate(
         client.set_tag(run_id, TAG_KERAS_MODEL, keras_uri)
         client.set_tag(run_id, TAG_SERVING_MODEL, serving_uri)
     except Exception as error:
-        _mark_failed(client, run_id)
+        with contextlib.suppress(Exception):  # the server may be what failed: the logging error is the one to report
+            client.set_terminated(run_id, status="FAILED")
         raise CandidateLoggingError(f"logging candidate {result.name} to {redact(client.tracking_uri)} failed: "
                                     f"{one_line(error)}") from error
     client.set_terminated(run_id, status="FINISHED")
-
-
-def _mark_failed(client: Any, run_id: str) -> None:
-    """Mark the run FAILED if the server still answers (it may be the thing that failed)."""
-    try:
-        client.set_terminated(run_id, status="FAILED")
-    except Exception:  # noqa: BLE001 - the logging error is the one to report
-        pass

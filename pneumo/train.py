@@ -30,22 +30,14 @@ class TrainResult:
     params: dict[str, object] = field(default_factory=dict)
 
 
-def gpu_count() -> int:
-    """Number of GPUs TensorFlow can see (0 on CPU-only machines and CI)."""
-    return len(tf.config.list_physical_devices("GPU"))
-
-
 def configure_thread_pools(concurrent_tasks: int, intra_op: int | None = None) -> bool:
     """Size TensorFlow's CPU thread pools for ``concurrent_tasks`` trainings sharing this process.
 
-    The intra-op pool (the threads that do the arithmetic) stays at every core by default: it is
-    shared by all threads of the process, so concurrent candidates keep the cores busy between
-    them, and one left alone still gets every core. The inter-op pool (threads that schedule ops
-    and wait on them) gets a few per task: a pool as small as the core count can starve when
-    several threads run loops such as the served model's parallel decode at once.
-    ``intra_op`` caps the arithmetic threads (several worker processes on one machine).
-    TensorFlow fixes its pools when its runtime starts, so this only works before any op has run
-    in the process; later calls change nothing and return False.
+    The intra-op pool (arithmetic) stays at every core unless ``intra_op`` caps it (several worker
+    processes on one machine): shared by the process's threads, it keeps the cores busy between
+    concurrent candidates. The inter-op pool (threads that schedule ops and wait on them) gets a few
+    per task: one as small as the core count can starve when several threads run parallel loops.
+    TensorFlow fixes its pools when its runtime starts: after the first op this changes nothing and returns False.
     """
     try:
         if intra_op:
@@ -75,33 +67,22 @@ class _EpochLog(keras.callbacks.Callback):
 
 
 def train_candidate(
-    name: str,
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset,
-    config: TrainConfig,
-    *,
-    train_images: int,
-    class_weight: dict[int, float] | None = None,
-    log: Log = print,
+    name: str, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, config: TrainConfig, *, train_images: int,
+    class_weight: dict[int, float] | None = None, log: Log = print,
 ) -> TrainResult:
     """Build and fit one registered model (``train_images`` counts the images, for images/s).
 
-    On a GPU with ``config.mixed_precision`` the model computes in float16 (output in float32);
-    on CPU it trains unchanged in float32. ``keras.utils.set_random_seed`` is process-wide, so
-    runs are reproducible when candidates train one per process (as on Dask/Prefect workers).
-
-    Raises:
-        TrainingDiverged: the loss became NaN or infinite.
-        ModelError: unknown model or missing VGG16 weights.
+    On a GPU with ``config.mixed_precision`` the model computes in float16 (output in float32).
+    ``keras.utils.set_random_seed`` is process-wide, so runs are reproducible when candidates
+    train one per process (as on Dask/Prefect workers). Raises TrainingDiverged when the loss or
+    the weights become NaN/inf, ModelError for an unknown model or missing VGG16 weights.
     """
-    gpus = gpu_count()
+    gpus = len(tf.config.list_physical_devices("GPU"))
     mixed = bool(config.mixed_precision and gpus)
     keras.utils.set_random_seed(config.seed)
     model = build_model(name, config.image_size, learning_rate=config.learning_rate,
                         vgg16_weights=config.vgg16_weights, mixed_precision=mixed)
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.TerminateOnNaN(), _EpochLog(name, config.epochs, log),
-    ]
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN(), _EpochLog(name, config.epochs, log)]
     if config.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience, restore_best_weights=True))
