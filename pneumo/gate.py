@@ -14,6 +14,12 @@ from pneumo.tracking import TAG_CANDIDATE, TAG_FINGERPRINT
 if TYPE_CHECKING:
     from pneumo.pipeline import TestSet
 
+# Registry aliases the verdict sets: a passing candidate becomes champion, the one it replaces
+# previous-champion; one that does not pass becomes challenger.
+CHAMPION = "champion"
+PREVIOUS = "previous-champion"
+CHALLENGER = "challenger"
+ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
 _EPSILON = 1e-9  # scores are means of counts: equal models must compare equal despite rounding
 
 
@@ -211,7 +217,7 @@ def version_info(version: Any, aliases: dict[str, str]) -> dict[str, Any]:
         "dataset_fingerprint": tags.get(TAG_FINGERPRINT),
         "card": version.description or "",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(version.creation_timestamp / 1000)),
-        "uri": f"models:/{version.name}@champion" if aliases.get("champion") == number
+        "uri": f"models:/{version.name}@{CHAMPION}" if aliases.get(CHAMPION) == number
         else f"models:/{version.name}/{number}",
     }
 

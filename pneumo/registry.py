@@ -13,7 +13,10 @@ from typing import Any
 
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from pneumo.gate import Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info, version_tags
+from pneumo.gate import (
+    ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
+    version_tags,
+)
 from pneumo.lock import promotion_lock
 from pneumo.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
 from pneumo.pipeline import TestSet
@@ -24,10 +27,6 @@ from pneumo.tracking import (
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-PREVIOUS = "previous-champion"
-CHALLENGER = "challenger"
-ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
 DECISION_TAG = "pneumo.decision"
 PREVIOUS_TAG = "pneumo.previous_champion"
 REASON_TAG = "pneumo.decision.reason"
