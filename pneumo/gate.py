@@ -7,7 +7,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pneumo.config import Gate
+from pneumo.errors import PromotionError
 from pneumo.stats import Interval, PairedComparison, metric_intervals, paired_score_difference
 from pneumo.tracking import TAG_CANDIDATE, TAG_FINGERPRINT
 
@@ -20,6 +23,11 @@ CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 CHALLENGER = "challenger"
 ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
+# Test images read and scored per call. Peak memory of scoring is this many encoded files, plus
+# the served model's own bound per call (serving.CHUNK images decoded within DECODE_PIXEL_BUDGET,
+# then one forward pass), plus 8 bytes per test image for the probabilities: independent of the
+# split's size. At real size (JPEGs of ~0.2 MB) a chunk is ~13 MB of encoded bytes.
+SCORE_CHUNK = 64
 _EPSILON = 1e-9  # scores are means of counts: equal models must compare equal despite rounding
 
 
@@ -154,7 +162,12 @@ def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | 
 
     model = mlflow.pyfunc.load_model(model_uri)
     threshold = float((model.model_config or {}).get("threshold", 0.5))
-    probabilities = model.predict(list(test.images))["probability"].to_numpy()
+    served = model.unwrap_python_model()
+    if not hasattr(served, "score"):
+        raise PromotionError(f"{model_uri} is not pneumo's served model (no score method)")
+    # One chunk of encoded images at a time, never the REST request cap: see SCORE_CHUNK.
+    probabilities = np.concatenate([served.score(chunk)["probability"].to_numpy(dtype=np.float64)
+                                    for chunk in test.chunks(SCORE_CHUNK)])
     metrics = compute_metrics(test.labels, probabilities, threshold)
     intervals = metric_intervals(test.labels, probabilities, threshold, test.patients,
                                  score_weight=gate.score_weight, replicates=gate.replicates)

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,22 +93,32 @@ def prepare_source(source: str, settings: Settings, config: TrainConfig, *, log:
 
 @dataclass
 class TestSet:
-    """Encoded test images with their labels and patient ids (the paired gate resamples patients)."""
+    """Test images (encoded bytes, or files read only when scored) with labels and patient ids.
+
+    Files are read a chunk at a time by :meth:`chunks`, so scoring holds one chunk of encoded
+    images in memory whatever the split's size (the paired gate resamples patients).
+    """
 
     __test__ = False  # not a pytest test class, despite the name
 
-    images: list[bytes]
+    images: Sequence[bytes | Path]
     labels: list[int]
     patients: list[str]
 
+    def chunks(self, size: int) -> Iterator[list[bytes]]:
+        """The encoded images, ``size`` at a time, in order."""
+        for start in range(0, len(self.images), size):
+            yield [item if isinstance(item, bytes) else Path(item).read_bytes()
+                   for item in self.images[start:start + size]]
+
 
 def read_test_set(root: Path, frame: pd.DataFrame) -> TestSet:
-    """The test rows of a manifest (``subset`` column, else ``split``), read from ``root``; DataError if none."""
+    """The test rows of a manifest (``subset`` column, else ``split``) as files under ``root``; DataError if none."""
     column = "subset" if "subset" in frame.columns else "split"
     rows = frame[frame[column] == "test"]
     if rows.empty:
         raise DataError("no test images in the manifest: cannot evaluate before promoting")
-    return TestSet([(Path(root) / path).read_bytes() for path in rows["path"]], [int(v) for v in rows["label"]],
+    return TestSet([Path(root) / path for path in rows["path"]], [int(v) for v in rows["label"]],
                    [str(v) for v in rows["patient_id"]])
 
 
@@ -312,8 +322,8 @@ def promote_best(
     """Evaluate this retraining's best candidate on the test split and gate it against the champion."""
     from pneumo import registry
 
+    # Held while scoring: the test files are read a chunk at a time, so no sync may change them meanwhile.
     with materialized(test_manifest, params.source, settings) as root:
-        test = read_test_set(root, test_manifest)
-    return registry.promote(parent_run_id, test, gate=params.gate, run_ids=run_ids,
-                            tracking_uri=params.tracking_uri, model_name=params.registered_model,
-                            dry_run=dry_run)
+        return registry.promote(parent_run_id, read_test_set(root, test_manifest), gate=params.gate,
+                                run_ids=run_ids, tracking_uri=params.tracking_uri,
+                                model_name=params.registered_model, dry_run=dry_run)

@@ -162,6 +162,11 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
     if len(items) > limit:
         raise InvalidImageError(f"{len(items)} images in one request exceeds the maximum of {limit} "
                                 f"({MAX_BATCH_IMAGES_ENV}); send smaller batches")
+    return checked_images(items)
+
+
+def checked_images(items: Sequence[Any]) -> list[bytes]:
+    """Each item as encoded JPEG/PNG bytes within the pixel cap (no request cap: callers chunk)."""
     max_pixels = max_image_pixels()
     return [_encoded(item, index, max_pixels) for index, item in enumerate(items)]
 
@@ -245,7 +250,15 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         carries text). Images go to the model in chunks of :data:`CHUNK`.
         """
         explain = bool((params or {}).get("explain", False))
-        encoded = as_encoded_images(model_input)
+        return self._frame(as_encoded_images(model_input), explain)
+
+    def score(self, images: Sequence[Any]) -> pd.DataFrame:
+        """:meth:`predict` for in-process callers (the gate) that bound memory by chunking themselves:
+        every item is checked as in a request, but ``PNEUMO_MAX_BATCH_IMAGES`` (a REST limit) does not apply."""
+        return self._frame(checked_images(images), explain=False)
+
+    def _frame(self, encoded: list[bytes], explain: bool) -> pd.DataFrame:
+        """The prediction frame of checked images, :data:`CHUNK` per model call."""
         outputs, overlays = [], []
         for start in range(0, len(encoded), CHUNK):
             pixels = preprocess(encoded[start:start + CHUNK], self.image_size, first_index=start)

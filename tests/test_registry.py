@@ -198,6 +198,41 @@ def test_floors_reject_even_without_a_champion(mlflow_uri, unique_name, model, t
     assert cli(capsys, "champion", "--model", name, "--tracking-uri", mlflow_uri, "--json") == (1, None)
 
 
+def test_the_gate_scores_a_test_split_larger_than_the_serving_cap(mlflow_uri, unique_name, model, tmp_path,
+                                                                  monkeypatch):
+    """The REST request cap (here 7 images) must not limit the gate, which reads and scores the
+    split's files in chunks: 340 test images (more than five SCORE_CHUNKs) all get scored."""
+    import pandas as pd
+
+    from pneumo import gate
+    from pneumo.serving import InvalidImageError, PneumoniaClassifier
+
+    split = repeated_split(copies=17)
+    assert len(split.images) == 340 > 7 and len(split.images) > 5 * gate.SCORE_CHUNK
+    rows = []
+    for index, (image, label) in enumerate(zip(split.images, split.labels)):
+        path = f"chest_xray/test/{'PNEUMONIA' if label else 'NORMAL'}/{index}.jpeg"
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(image)
+        rows.append({"path": path, "label": label, "subset": "test", "patient_id": f"p{index}"})
+    test = read_test_set(tmp_path, pd.DataFrame(rows))
+    assert all(isinstance(item, Path) for item in test.images)  # files, read a chunk at a time
+    monkeypatch.setenv("PNEUMO_MAX_BATCH_IMAGES", "7")
+    name = unique_name("model")
+    parent = retraining(mlflow_uri, unique_name("exp"), model, {"cnn": (MID, 0.9)})
+    decision = registry.promote(parent, test, gate=GATE, model_name=name, tracking_uri=mlflow_uri)
+    assert decision.promoted and decision.n_test_images == 340
+    assert len(decision.evaluation.probabilities) == 340
+    assert decision.evaluation.metrics["specificity"] == pytest.approx(0.7)  # as for one copy of the levels
+    # The cap still holds for REST clients of the very model the gate just scored.
+    import mlflow.pyfunc
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert isinstance(served.unwrap_python_model(), PneumoniaClassifier)
+    with pytest.raises(InvalidImageError, match="8 images in one request exceeds the maximum of 7"):
+        served.predict(list(split.images[:8]))
+
+
 def test_floors_apply_to_the_lower_bound_unless_told_otherwise():
     def evaluation(recall: float, low: float) -> Evaluation:
         intervals = {"recall": Interval(recall, low, 1.0, "wilson"), "specificity": Interval(0.5, 0.4, 0.6, "wilson")}
