@@ -162,7 +162,10 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
 
     ingested = ingest(params.source)
     validated = validate_data(ingested["root"], ingested["manifest"], params)
-    report = {**validated["report"], "ingest": ingested["report"], "fingerprint": ingested["fingerprint"]}
+    # Before any training: a configuration that cannot fit the worker fails now, with the numbers.
+    estimate = pipeline.check_memory(params.candidates, params.train, validated["report"]["images"], log=logger.info)
+    report = {**validated["report"], "ingest": ingested["report"], "fingerprint": ingested["fingerprint"],
+              "memory_estimate": estimate}
     parent_run_id = tracking.start_retraining(
         params.tracking_uri, params.experiment, params.source, ingested["fingerprint"], params,
         data_report=report, manifest=_frame(validated["manifest"]),

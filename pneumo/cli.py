@@ -143,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from pneumo.leaderboard import format_leaderboard, leaderboard
     from pneumo.models import list_models, model_spec
-    from pneumo.pipeline import best_candidate, prepare_source, run_candidate
+    from pneumo.pipeline import best_candidate, check_memory, prepare_source, run_candidate
 
     models = list_models() if args.model == "all" else args.model.split(",")
     for name in models:
@@ -151,6 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _model_from_flags(args, TrainConfig)
     gate = _model_from_flags(args, Gate)
     data = prepare_source(str(args.data), Settings(), config, log=_log)
+    check_memory(models, config, data.report["images"], parallel=1, log=_log)  # one candidate at a time here
     subsets = ", ".join(f"{s} {sum(c.values())}" for s, c in data.report["subsets"].items())
     _log(f"dataset: {subsets}; class weights {({k: round(v, 2) for k, v in data.class_weight.items()})}")
     results = [run_candidate(name, data, config, args.out, score_weight=gate.score_weight, log=_log)

@@ -91,6 +91,24 @@ def prepare_source(source: str, settings: Settings, config: TrainConfig, *, log:
     return prepared
 
 
+def check_memory(candidates: list[str], config: TrainConfig, images: int, *, parallel: int | None = None,
+                 log: Log = print) -> dict[str, Any]:
+    """Estimate the training's peak memory (:mod:`pneumo.memory`), log it, refuse what cannot fit.
+
+    ``parallel``: candidates trained at once (default: as the flow's task runner runs them).
+    Returns the estimate as a dict (the retraining logs it in its data report).
+
+    Raises:
+        ConfigError: the estimate exceeds the worker's memory (the message has the numbers).
+    """
+    from pneumo.memory import check_fits, estimate_memory
+
+    estimate = estimate_memory(candidates, config, images, parallel=parallel)
+    log(f"memory estimate: {estimate.describe()}")
+    check_fits(estimate)
+    return estimate.to_dict()
+
+
 @dataclass
 class TestSet:
     """Test images (encoded bytes, or files read only when scored) with labels and patient ids.
