@@ -147,12 +147,7 @@ def test_a_promotion_that_fails_after_training_closes_the_parent_run(flow_env, s
                                 gate=Gate(floors_on="point"), model_name=model_name, tracking_uri=flow_env.uri)
     client = MlflowClient(flow_env.uri)
     model_id = champion.evaluation.model_uri.removeprefix("models:/")
-    bucket = s3_server.client()
-    listing = bucket.list_objects_v2(Bucket=flow_env.artifacts_destination.split("/")[2])
-    lost = [item["Key"] for item in listing.get("Contents", []) if model_id in item["Key"]]
-    assert lost
-    for key in lost:
-        bucket.delete_object(Bucket=flow_env.artifacts_destination.split("/")[2], Key=key)
+    assert s3_server.delete_keys_containing(flow_env.artifacts_destination.split("/")[2], model_id)
 
     params = RetrainParams(source=str(tiny_source), candidates=["dense"], registered_model=model_name,
                            experiment=experiment, tracking_uri=flow_env.uri, train=TINY_TRAIN, **TINY)

@@ -415,12 +415,7 @@ def test_a_tied_score_goes_to_the_higher_validation_auc(mlflow_uri, unique_name,
 def _lose_model_files(s3_server, mlflow_server, model_uri: str) -> None:
     """Delete a logged model's files from the artifact store (a bucket on the test S3 server)."""
     bucket = mlflow_server.artifacts_destination.split("/")[2]
-    client = s3_server.client()
-    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])
-            if model_uri.removeprefix("models:/") in item["Key"]]
-    assert keys
-    for key in keys:
-        client.delete_object(Bucket=bucket, Key=key)
+    assert s3_server.delete_keys_containing(bucket, model_uri.removeprefix("models:/"))
 
 
 def test_rollback_names_a_deleted_previous_champion_and_refuses_one_that_does_not_load(

@@ -124,6 +124,15 @@ class S3Server:
         for key, body in files.items():
             client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
 
+    def delete_keys_containing(self, bucket: str, fragment: str) -> list[str]:
+        """Delete every key of ``bucket`` that contains ``fragment`` (all pages: a listing stops at 1,000)."""
+        client = self.client()
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        keys = [item["Key"] for page in pages for item in page.get("Contents", []) if fragment in item["Key"]]
+        for key in keys:
+            client.delete_object(Bucket=bucket, Key=key)
+        return keys
+
 
 class FaultProxy:
     """An HTTP proxy process in front of an S3 endpoint that injects faults and/or latency.
