@@ -3,7 +3,7 @@
 Usage: python benchmarks/gpu_training.py [--images 1024] [--size 120] [--batch-size 32]
                                          [--models dense,cnn,cnn_deep,vgg16] [--repeats 1]
 
-Self-contained: the only project import is ``pneumo.models.build_model`` (pure Keras 3), so it runs
+Self-contained: the only project import is ``pneumo.training.models.build_model`` (pure Keras 3), so it runs
 under whichever backend ``KERAS_BACKEND`` selects (tensorflow, jax, torch). The training set is
 generated in memory: uint8 images converted to float32 in 0..255, label 1 marked by a bright disc
 on a noisy background (learnable), labels float32. For each model it builds a fresh network
@@ -165,7 +165,7 @@ def main() -> None:
 
     import keras
 
-    from pneumo.models import build_model
+    from pneumo.training.models import build_model
 
     gpu, device, library = detect_device()
     n = max(args.batch_size, args.images - args.images % args.batch_size)

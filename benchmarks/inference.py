@@ -1,13 +1,13 @@
 """Served-model speed: pyfunc (decode + model) vs the bare Keras model on preprocessed arrays, same run.
 
-For each model, measures the pyfunc model that downstream apps load (``pneumo.serving``):
+For each model, measures the pyfunc model that downstream apps load (``pneumo.serving.pyfunc``):
   * latency of one image (p50, p99), and
   * throughput for batches of 64 encoded JPEGs,
 against calling the bare Keras model on already-decoded float arrays, and prints the ratios. It
 also times decoding alone, which bounds what any served model can reach:
 ``ceiling = 1 / (1 + bare img/s ÷ decode img/s)``.
 
-The JPEGs come from ``pneumo.synthetic`` (``--images real``: 900-2000 px wide, about 0.15 bytes
+The JPEGs come from ``pneumo.data.synthetic`` (``--images real``: 900-2000 px wide, about 0.15 bytes
 per pixel, like the Kaggle files' 1.2 GB over 5,856 images; ``small``: 48-96 px).
 
     .venv/bin/python benchmarks/inference.py                          # all four models, real-size JPEGs
@@ -37,7 +37,7 @@ TARGET = 0.67  # pyfunc batch throughput ÷ bare model throughput (issue #4)
 
 def generated_jpegs(count: int, image_kind: str, workdir: Path) -> list[bytes]:
     """``count`` JPEGs from a generated dataset (same seed, same bytes on every run)."""
-    from pneumo.synthetic import generate_dataset
+    from pneumo.data.synthetic import generate_dataset
 
     root = workdir / f"synth-{image_kind}"
     if not (root / "chest_xray").exists():
@@ -82,8 +82,8 @@ def measure(name: str, images: list[bytes], pixels: np.ndarray, seconds: float, 
     import mlflow.pyfunc
     import tensorflow as tf
 
-    from pneumo.models import build_model
-    from pneumo.packaging import save_serving_model
+    from pneumo.serving.packaging import save_serving_model
+    from pneumo.training.models import build_model
 
     image_size = pixels.shape[1]
     keras.utils.set_random_seed(0)
@@ -119,7 +119,7 @@ def measure(name: str, images: list[bytes], pixels: np.ndarray, seconds: float, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="dense,cnn,cnn_deep,vgg16", help="comma-separated pneumo.models names")
+    parser.add_argument("--models", default="dense,cnn,cnn_deep,vgg16", help="comma-separated pneumo.training.models names")
     parser.add_argument("--images", choices=("real", "small"), default="real", help="generated JPEG sizes to feed")
     parser.add_argument("--image-size", type=int, default=120, help="model input side")
     parser.add_argument("--batch", type=int, default=64)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import tensorflow as tf
 
-    from pneumo import serving
+    from pneumo.serving import pyfunc as serving
 
     load = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as tmp:

@@ -1,4 +1,4 @@
-"""Benchmark: pneumo.storage.sync vs a sequential boto3 list-and-get loop against a loopback S3 server.
+"""Benchmark: pneumo.data.storage.sync vs a sequential boto3 list-and-get loop against a loopback S3 server.
 
 Runs moto's S3 server in its own process, seeds it with ``--objects`` small objects in the Kaggle
 layout, then for each endpoint (direct, and through a proxy adding ``--latency-ms`` per request as
@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the S3 server and latency proxy are the test harness's
 
-from pneumo.storage import sync, upload_tree  # noqa: E402
+from pneumo.data.storage import sync, upload_tree  # noqa: E402
 from tests.plugins.s3 import TEST_CREDENTIALS, FaultProxy, S3Server  # noqa: E402
 
 

@@ -43,9 +43,9 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from pneumo.data import make_dataset, validate_images
-    from pneumo.storage import sync
-    from pneumo.synthetic import generate_dataset
+    from pneumo.data.images import make_dataset, validate_images
+    from pneumo.data.storage import sync
+    from pneumo.data.synthetic import generate_dataset
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pneumo-bench-"))
     if not (workdir / "chest_xray").is_dir():

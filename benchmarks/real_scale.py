@@ -63,9 +63,11 @@ def main() -> int:
     os.environ["PNEUMO_HOME"] = str(args.workdir / "home")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from pneumo import pipeline, tracking
-    from pneumo.config import RetrainParams, Settings
-    from pneumo.synthetic import generate_dataset
+    from pneumo import pipeline
+    from pneumo.config import Settings
+    from pneumo.data.synthetic import generate_dataset
+    from pneumo.params import RetrainParams
+    from pneumo.promotion import tracking
 
     data = args.workdir / f"data-{args.scale}-{args.image_kind}"
     if not (data / "chest_xray").is_dir():
@@ -84,7 +86,7 @@ def main() -> int:
         cores = os.cpu_count() or 1
         print(f"real-scale retraining: {', '.join(params.candidates)} at {args.image_size} px, {args.epochs} "
               f"epoch(s), {cores} cores (vgg16 without ImageNet weights: same cost per epoch)", flush=True)
-        from pneumo.train import configure_thread_pools
+        from pneumo.training.train import configure_thread_pools
 
         stages.run("start (TensorFlow, pools)", lambda: configure_thread_pools(len(params.candidates)))
         ingested = stages.run("ingest", lambda: pipeline.ingest(params.source, settings))

@@ -40,7 +40,7 @@ DEMO_TEST_SCALE = 0.4  # test: 250 images, enough for a decision with intervals 
 
 def generate_demo_dataset(data_dir: Path) -> None:
     """The demo's generated dataset (Kaggle layout and quirks), unless it is already there."""
-    from pneumo.synthetic import generate_dataset
+    from pneumo.data.synthetic import generate_dataset
 
     if not (data_dir / "chest_xray").is_dir():
         print(f"generating the demo dataset in {data_dir} ...", flush=True)
@@ -49,7 +49,8 @@ def generate_demo_dataset(data_dir: Path) -> None:
 
 def demo_params(data_dir: Path):  # noqa: ANN201 - RetrainParams, imported after the environment is set
     """All four models at 48 px for 8 epochs (VGG16 from random weights without the ImageNet file); the README gate."""
-    from pneumo.config import Gate, RetrainParams, TrainConfig
+    from pneumo.config import Gate, TrainConfig
+    from pneumo.params import RetrainParams
 
     # The gate checks the lower bound of test recall's 95 % interval (~0.07 below the estimate on
     # the demo's 250 test images), so the threshold aims above the floor: 98 % validation recall.
@@ -76,7 +77,7 @@ def main() -> int:
     server = _start_prefect_server()
     data_dir = HOME / "demo-data"
     generate_demo_dataset(data_dir)
-    importlib.import_module("pneumo.train")  # TensorFlow: ~10 s, also while the server boots
+    importlib.import_module("pneumo.training.train")  # TensorFlow: ~10 s, also while the server boots
     if server is not None:
         server.result()  # it must answer before the flow talks to it
     from flows.retrain import retrain
@@ -115,7 +116,7 @@ def _cpu_seconds() -> float:
 
 def print_summary(result: dict, params, experiment: str) -> None:  # noqa: ANN001 - RetrainParams
     """Leaderboard, decision with the numbers compared, and where to look next."""
-    from pneumo.leaderboard import format_leaderboard, leaderboard
+    from pneumo.promotion.leaderboard import format_leaderboard, leaderboard
 
     gate = params.gate
     print("\nLeaderboard (test metrics at the tuned threshold with 95 % intervals by patient; score on validation)")

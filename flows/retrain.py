@@ -16,13 +16,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pneumo import pipeline, tracking
-from pneumo.config import RetrainParams, Settings
+from pneumo import pipeline
+from pneumo.config import Settings
+from pneumo.data.storage import cache_dir
 from pneumo.errors import PneumoError
-from pneumo.leaderboard import decision_markdown, leaderboard_records
-from pneumo.mlflow_client import check_tracking_server
+from pneumo.params import RetrainParams
+from pneumo.promotion import tracking
+from pneumo.promotion.leaderboard import decision_markdown, leaderboard_records
+from pneumo.promotion.mlflow_client import check_tracking_server
 from pneumo.redaction import redact
-from pneumo.storage import cache_dir
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.
@@ -156,7 +158,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     check_tracking_server(params.tracking_uri)
     # TensorFlow starts now (seconds), with thread pools sized for parallel candidates: that cost
     # stays out of the first training task, so task times in Prefect match their MLflow runs.
-    from pneumo.train import configure_thread_pools
+    from pneumo.training.train import configure_thread_pools
 
     configure_thread_pools(concurrent_tasks=len(params.candidates))
 

@@ -70,9 +70,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
+    from pneumo.data.storage import parse_source, upload_tree
+    from pneumo.data.synthetic import generate_dataset
     from pneumo.errors import StorageError
-    from pneumo.storage import parse_source, upload_tree
-    from pneumo.synthetic import generate_dataset
 
     target = args.to or (args.out if args.out.startswith("s3://") else None)
     if target and (dest := parse_source(target)).scheme != "s3":  # a bad URI fails before minutes of generation
@@ -103,7 +103,7 @@ def _print_counts(counts: dict[str, dict[str, int]], width: int, skipped: dict[s
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from pneumo.storage import sync
+    from pneumo.data.storage import sync
 
     cache = args.cache or Settings().home / "cache"
     result = sync(args.source, cache, endpoint_url=args.endpoint_url, workers=args.workers,
@@ -141,9 +141,9 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from pneumo.leaderboard import format_leaderboard, leaderboard
-    from pneumo.models import list_models, model_spec
     from pneumo.pipeline import best_candidate, check_memory, prepare_source, run_candidate
+    from pneumo.promotion.leaderboard import format_leaderboard, leaderboard
+    from pneumo.training.models import list_models, model_spec
 
     models = list_models() if args.model == "all" else args.model.split(",")
     for name in models:
@@ -169,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
     """(tracking URI, registered model) from flags or settings; fails fast if MLflow is unreachable."""
-    from pneumo.mlflow_client import check_tracking_server
+    from pneumo.promotion.mlflow_client import check_tracking_server
 
     settings = Settings()
     uri = args.tracking_uri or settings.tracking_uri
@@ -179,7 +179,7 @@ def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
 
 def _with_intervals(metrics: dict[str, float], intervals: dict[str, list[float]]) -> str:
     """``recall 0.9500 [0.9100, 0.9700], …`` for the gate's metrics."""
-    from pneumo.leaderboard import with_interval
+    from pneumo.promotion.leaderboard import with_interval
 
     return ", ".join(f"{name} {with_interval(metrics[name], intervals.get(name))}"
                      for name in ("recall", "specificity", "roc_auc", "selection_score") if name in metrics)
@@ -203,7 +203,7 @@ def _print_champion(info: dict[str, Any]) -> None:
 
 
 def _cmd_champion(args: argparse.Namespace) -> int:
-    from pneumo.registry import champion_info
+    from pneumo.promotion.registry import champion_info
 
     uri, model = _registry_target(args)
     info = champion_info(model, tracking_uri=uri)
@@ -219,7 +219,7 @@ def _cmd_champion(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from pneumo.registry import rollback
+    from pneumo.promotion.registry import rollback
 
     uri, model = _registry_target(args)
     info = rollback(model, tracking_uri=uri)
@@ -233,8 +233,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> Any:
     """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does)."""
-    from pneumo.pipeline import ingest, read_test_set
-    from pneumo.runs import retraining_dataset
+    from pneumo.evaluation.holdout import read_test_set
+    from pneumo.pipeline import ingest
+    from pneumo.promotion.runs import retraining_dataset
 
     if args.data:
         result = ingest(str(args.data), Settings())
@@ -250,8 +251,8 @@ def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> Any:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from pneumo.registry import promote
-    from pneumo.runs import latest_retraining
+    from pneumo.promotion.registry import promote
+    from pneumo.promotion.runs import latest_retraining
 
     gate = _model_from_flags(args, Gate)  # a bad flag fails before any MLflow or data work
     uri, model = _registry_target(args)

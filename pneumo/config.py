@@ -1,7 +1,6 @@
-"""Typed configuration: one parameter tree for a retraining (RetrainParams) apart from where things live (Settings).
+"""Typed configuration: what a training run and the gate do, apart from where things live (Settings).
 
-Every default is written once, here. Model names come from the registry in :mod:`pneumo.models`,
-imported only when a name is validated (it imports Keras, which costs seconds).
+Every default is written once, here or in :mod:`pneumo.params` (the retraining's one parameter).
 """
 
 from __future__ import annotations
@@ -9,14 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REGISTERED_MODEL = "pneumonia-classifier"
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     """Unknown keys fail (a typo in ``--param`` must not be ignored); NaN and infinity never pass.
 
     Errors do not echo the input: a refused value may be a secret (a credentialed URI).
@@ -25,7 +24,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Everything that decides what a training run produces. Defaults are the seed article's."""
 
     image_size: int = Field(120, ge=32, le=512, description="Square input side in pixels.")
@@ -51,7 +50,7 @@ class TrainConfig(_Strict):
         return value.strip()
 
 
-class Gate(_Strict):
+class Gate(Strict):
     """Promotion gate: floors on test metrics, then a paired test of the score against the champion."""
 
     min_recall: float = Field(0.95, ge=0, le=1, description="Floor on test recall at the tuned threshold.")
@@ -80,68 +79,3 @@ class Settings(BaseSettings):
         None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works.")
     tf_threads: int | None = Field(
         None, ge=1, description="TensorFlow intra-op threads per worker process (several workers per machine).")
-
-
-def _all_models() -> list[str]:
-    from pneumo.models import list_models
-
-    return list_models()
-
-
-class RetrainParams(_Strict):
-    """The retraining flow's one parameter (validated by Prefect for ``deployment run --param``)."""
-
-    source: str = Field(".pneumo/demo-data", description="s3://bucket/prefix, file:// URI or local folder.")
-    candidates: list[str] = Field(default_factory=_all_models, min_length=1, description="Models to train.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    gate: Gate = Field(default_factory=Gate)
-    registered_model: str | None = Field(
-        None, pattern=REGISTERED_MODEL_PATTERN, description="Registered model; default: the worker's settings.")
-    tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
-    experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
-    min_images_per_class: int = Field(2, ge=1, description="Fail early below this per subset and class.")
-
-    @field_validator("candidates")
-    @classmethod
-    def _known_and_unique(cls, value: list[str]) -> list[str]:
-        from pneumo.errors import ModelError
-        from pneumo.models import model_spec
-
-        if len(set(value)) != len(value):
-            raise ValueError(f"candidates must not repeat: {value}")
-        for name in value:
-            try:
-                model_spec(name)
-            except ModelError as error:  # pydantic reports ValueErrors as validation errors
-                raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        from pneumo.redaction import has_credentials
-
-        if value is not None and has_credentials(value):
-            # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.
-            raise ValueError("tracking_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD "
-                             "or MLFLOW_TRACKING_TOKEN on the worker instead")
-        return value
-
-    @model_validator(mode="after")
-    def _image_size_fits_every_candidate(self) -> RetrainParams:
-        from pneumo.models import model_spec
-
-        too_small = [f"{name} needs ≥ {model_spec(name).min_image_size}" for name in self.candidates
-                     if self.train.image_size < model_spec(name).min_image_size]
-        if too_small:
-            raise ValueError(f"train.image_size {self.train.image_size} is too small: {', '.join(too_small)}")
-        return self
-
-    def resolved(self, settings: Settings) -> RetrainParams:
-        """A copy with the worker's settings filled in where the parameter left them unset."""
-        return self.model_copy(update={
-            "tracking_uri": self.tracking_uri or settings.tracking_uri,
-            "experiment": self.experiment or settings.experiment,
-            "registered_model": self.registered_model or settings.registered_model,
-        })
-

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumo import storage
-from pneumo.config import RetrainParams, Settings, TrainConfig
-from pneumo.data import assign_subsets, class_weights, validate_images
+from pneumo.config import Settings, TrainConfig
+from pneumo.data import storage
+from pneumo.data.images import assign_subsets, class_weights, validate_images
+from pneumo.data.layout import CLASSES
+from pneumo.data.storage import IngestResult, cache_dir, counts_by
 from pneumo.errors import CandidateFailed, DataError
-from pneumo.layout import CLASSES
-from pneumo.storage import IngestResult, cache_dir, counts_by
+from pneumo.params import RetrainParams
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -93,7 +94,7 @@ def prepare_source(source: str, settings: Settings, config: TrainConfig, *, log:
 
 def check_memory(candidates: list[str], config: TrainConfig, images: int, *, parallel: int | None = None,
                  log: Log = print) -> dict[str, Any]:
-    """Estimate the training's peak memory (:mod:`pneumo.memory`), log it, refuse what cannot fit.
+    """Estimate the training's peak memory (:mod:`pneumo.training.memory`), log it, refuse what cannot fit.
 
     ``parallel``: candidates trained at once (default: as the flow's task runner runs them).
     Returns the estimate as a dict (the retraining logs it in its data report).
@@ -101,43 +102,12 @@ def check_memory(candidates: list[str], config: TrainConfig, images: int, *, par
     Raises:
         ConfigError: the estimate exceeds the worker's memory (the message has the numbers).
     """
-    from pneumo.memory import check_fits, estimate_memory
+    from pneumo.training.memory import check_fits, estimate_memory
 
     estimate = estimate_memory(candidates, config, images, parallel=parallel)
     log(f"memory estimate: {estimate.describe()}")
     check_fits(estimate)
     return estimate.to_dict()
-
-
-@dataclass
-class TestSet:
-    """Test images (encoded bytes, or files read only when scored) with labels and patient ids.
-
-    Files are read a chunk at a time by :meth:`chunks`, so scoring holds one chunk of encoded
-    images in memory whatever the split's size (the paired gate resamples patients).
-    """
-
-    __test__ = False  # not a pytest test class, despite the name
-
-    images: Sequence[bytes | Path]
-    labels: list[int]
-    patients: list[str]
-
-    def chunks(self, size: int) -> Iterator[list[bytes]]:
-        """The encoded images, ``size`` at a time, in order."""
-        for start in range(0, len(self.images), size):
-            yield [item if isinstance(item, bytes) else Path(item).read_bytes()
-                   for item in self.images[start:start + size]]
-
-
-def read_test_set(root: Path, frame: pd.DataFrame) -> TestSet:
-    """The test rows of a manifest (``subset`` column, else ``split``) as files under ``root``; DataError if none."""
-    column = "subset" if "subset" in frame.columns else "split"
-    rows = frame[frame[column] == "test"]
-    if rows.empty:
-        raise DataError("no test images in the manifest: cannot evaluate before promoting")
-    return TestSet([Path(root) / path for path in rows["path"]], [int(v) for v in rows["label"]],
-                   [str(v) for v in rows["patient_id"]])
 
 
 # ----------------------------------------------------------------------------- one candidate
@@ -187,12 +157,12 @@ def run_candidate(
     Any exception is captured into a ``failed`` result (the failure policy keeps the other
     candidates going); the traceback goes to the log.
     """
-    from pneumo import evaluate
-    from pneumo.calibration import fit_calibrator, plot_reliability
-    from pneumo.data import make_dataset
-    from pneumo.explain import explain_examples
-    from pneumo.stats import metric_intervals
-    from pneumo.train import train_candidate
+    from pneumo.data.images import make_dataset
+    from pneumo.evaluation import metrics
+    from pneumo.evaluation.calibration import fit_calibrator, plot_reliability
+    from pneumo.evaluation.explain import explain_examples
+    from pneumo.evaluation.stats import metric_intervals
+    from pneumo.training.train import train_candidate
 
     started = time.perf_counter()
     out_dir = Path(out_dir) / name
@@ -211,21 +181,21 @@ def run_candidate(
         # Calibrated on validation; the threshold is tuned on the calibrated probabilities served.
         calibrator = fit_calibrator(val_true, val_raw)
         val_prob, test_prob = calibrator.apply(val_raw), calibrator.apply(test_raw)
-        threshold, reached = evaluate.tune_threshold(val_true, val_prob, config.recall_target)
+        threshold, reached = metrics.tune_threshold(val_true, val_prob, config.recall_target)
         validation = _metrics(val_true, val_raw, val_prob, threshold)
         test = _metrics(test_true, test_raw, test_prob, threshold)
-        score = evaluate.selection_score(validation["recall"], validation["specificity"], score_weight)
+        score = metrics.selection_score(validation["recall"], validation["specificity"], score_weight)
         intervals = {}
         for split, labels, probs in (("validation", val_true, val_prob), ("test", test_true, test_prob)):
             found = metric_intervals(labels, probs, threshold, _patients(data.frame, split, len(labels), log),
                                      score_weight=score_weight)
             intervals[split] = {metric: [interval.low, interval.high] for metric, interval in found.items()}
         artifacts = {
-            "confusion_matrix": evaluate.plot_confusion_matrix(test, out_dir / "confusion_matrix.png",
+            "confusion_matrix": metrics.plot_confusion_matrix(test, out_dir / "confusion_matrix.png",
                                                                f"{name}: test @ {threshold:.3f}"),
-            "roc": evaluate.plot_roc(test_true, test_prob, out_dir / "roc.png", f"{name}: test ROC"),
-            "pr": evaluate.plot_pr(test_true, test_prob, out_dir / "pr.png", f"{name}: test PR"),
-            "training_curves": evaluate.plot_history(trained.history, out_dir / "training_curves.png", name),
+            "roc": metrics.plot_roc(test_true, test_prob, out_dir / "roc.png", f"{name}: test ROC"),
+            "pr": metrics.plot_pr(test_true, test_prob, out_dir / "pr.png", f"{name}: test PR"),
+            "training_curves": metrics.plot_history(trained.history, out_dir / "training_curves.png", name),
             "reliability": plot_reliability(val_true, val_raw, val_prob, out_dir / "reliability.png",
                                             f"{name}: validation, {calibrator.method} calibration"),
             **explain_examples(trained.model, datasets["test"], test_true, test_prob, threshold, out_dir, name),
@@ -258,8 +228,8 @@ def _patients(frame: pd.DataFrame, subset: str, predicted: int, log: Log) -> lis
 def _metrics(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, threshold: float) -> dict[str, float]:
     """Metrics of the served (calibrated) probabilities at ``threshold``, plus ECE (15 bins) and Brier score
     of the calibrated and the raw ones."""
-    from pneumo.calibration import brier_score, expected_calibration_error
-    from pneumo.evaluate import compute_metrics
+    from pneumo.evaluation.calibration import brier_score, expected_calibration_error
+    from pneumo.evaluation.metrics import compute_metrics
 
     return {**compute_metrics(labels, calibrated, threshold),
             "ece": expected_calibration_error(labels, calibrated), "brier": brier_score(labels, calibrated),
@@ -267,8 +237,8 @@ def _metrics(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, thresh
 
 
 def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The successful candidate that ranks first (:func:`pneumo.gate.selection_rank`), if any."""
-    from pneumo.gate import selection_rank
+    """The successful candidate that ranks first (:func:`pneumo.promotion.gate.selection_rank`), if any."""
+    from pneumo.promotion.gate import selection_rank
 
     survivors = [r for r in results if r.status == "ok" and np.isfinite(r.score)]
     return max(survivors, key=lambda r: selection_rank(r.score, r.validation.get("roc_auc")), default=None)
@@ -300,8 +270,8 @@ def train_and_log(
         CandidateFailed: the candidate produced no model (its FAILED run records why).
         TrackingError: logging failed (transient: the retry logs the kept model).
     """
-    from pneumo import tracking
-    from pneumo.train import configure_thread_pools
+    from pneumo.promotion import tracking
+    from pneumo.training.train import configure_thread_pools
 
     started = time.time()
     if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
@@ -338,7 +308,8 @@ def promote_best(
     settings: Settings, *, dry_run: bool = False,
 ) -> Any:
     """Evaluate this retraining's best candidate on the test split and gate it against the champion."""
-    from pneumo import registry
+    from pneumo.evaluation.holdout import read_test_set
+    from pneumo.promotion import registry
 
     # Held while scoring: the test files are read a chunk at a time, so no sync may change them meanwhile.
     with materialized(test_manifest, params.source, settings) as root:

@@ -17,7 +17,7 @@ import yaml
 
 from pydantic import ValidationError
 
-from pneumo.config import RetrainParams
+from pneumo.params import RetrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"

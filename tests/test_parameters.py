@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from pneumo.cli import main
-from pneumo.config import Gate, RetrainParams, TrainConfig
+from pneumo.config import Gate, TrainConfig
+from pneumo.params import RetrainParams
 
 
 @pytest.mark.parametrize("flag", ["--margin", "--score-weight", "--min-recall", "--min-specificity"])

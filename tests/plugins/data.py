@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pneumo.synthetic import generate_dataset
+from pneumo.data.synthetic import generate_dataset
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +49,6 @@ def add_quirks(root: Path) -> dict[str, int]:
 
 def local_manifest(root: Path) -> pd.DataFrame:
     """The manifest of a local dataset folder, as the ingest produces it for the flow."""
-    from pneumo.storage import sync
+    from pneumo.data.storage import sync
 
     return sync(root, None).frame

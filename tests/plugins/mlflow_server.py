@@ -168,9 +168,9 @@ def labelled_images(normal: int = 10, pneumonia: int = 10, seed: int = 0) -> tup
 def log_retraining(uri: str, experiment: str, model: Any, candidates: dict[str, tuple[float, float]],
                    source: str = "s3://bucket/chest_xray", fingerprint: str = "f" * 64) -> str:
     """A finished retraining run with one child per ``name: (threshold, validation score)``, all one model."""
-    from pneumo import tracking
     from pneumo.config import TrainConfig
     from pneumo.pipeline import CandidateResult
+    from pneumo.promotion import tracking
 
     config = TrainConfig(image_size=int(model.input_shape[1]), epochs=1)
     parent = tracking.start_retraining(uri, experiment, source, fingerprint, config)

@@ -1,0 +1,76 @@
+"""The retraining flow's one parameter, validated against the model registry before any work starts.
+
+Model names come from :mod:`pneumo.training.models`, imported only when a name is validated
+(it imports Keras, which costs seconds).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from pneumo.config import REGISTERED_MODEL_PATTERN, Gate, Settings, Strict, TrainConfig
+
+
+def _all_models() -> list[str]:
+    from pneumo.training.models import list_models
+
+    return list_models()
+
+
+class RetrainParams(Strict):
+    """The retraining flow's one parameter (validated by Prefect for ``deployment run --param``)."""
+
+    source: str = Field(".pneumo/demo-data", description="s3://bucket/prefix, file:// URI or local folder.")
+    candidates: list[str] = Field(default_factory=_all_models, min_length=1, description="Models to train.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: Gate = Field(default_factory=Gate)
+    registered_model: str | None = Field(
+        None, pattern=REGISTERED_MODEL_PATTERN, description="Registered model; default: the worker's settings.")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
+    min_images_per_class: int = Field(2, ge=1, description="Fail early below this per subset and class.")
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_and_unique(cls, value: list[str]) -> list[str]:
+        from pneumo.errors import ModelError
+        from pneumo.training.models import model_spec
+
+        if len(set(value)) != len(value):
+            raise ValueError(f"candidates must not repeat: {value}")
+        for name in value:
+            try:
+                model_spec(name)
+            except ModelError as error:  # pydantic reports ValueErrors as validation errors
+                raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        from pneumo.redaction import has_credentials
+
+        if value is not None and has_credentials(value):
+            # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.
+            raise ValueError("tracking_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD "
+                             "or MLFLOW_TRACKING_TOKEN on the worker instead")
+        return value
+
+    @model_validator(mode="after")
+    def _image_size_fits_every_candidate(self) -> RetrainParams:
+        from pneumo.training.models import model_spec
+
+        too_small = [f"{name} needs ≥ {model_spec(name).min_image_size}" for name in self.candidates
+                     if self.train.image_size < model_spec(name).min_image_size]
+        if too_small:
+            raise ValueError(f"train.image_size {self.train.image_size} is too small: {', '.join(too_small)}")
+        return self
+
+    def resolved(self, settings: Settings) -> RetrainParams:
+        """A copy with the worker's settings filled in where the parameter left them unset."""
+        return self.model_copy(update={
+            "tracking_uri": self.tracking_uri or settings.tracking_uri,
+            "experiment": self.experiment or settings.experiment,
+            "registered_model": self.registered_model or settings.registered_model,
+        })
+

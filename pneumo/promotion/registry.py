@@ -1,0 +1,276 @@
+"""Model registry: register a retraining's best candidate, gate it against the champion, champion and rollback.
+
+The only module that calls MLflow's registry API (besides the lock in :mod:`pneumo.promotion.lock`); the
+verdict itself is :mod:`pneumo.promotion.gate`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from pneumo.config import Gate
+from pneumo.errors import PromotionError
+from pneumo.promotion.gate import (
+    ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
+    version_tags,
+)
+from pneumo.evaluation.holdout import TestSet
+from pneumo.promotion.lock import promotion_lock
+from pneumo.promotion.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
+from pneumo.promotion.runs import ranked_candidates
+from pneumo.promotion.tracking import (
+    SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text,
+)
+
+log = logging.getLogger(__name__)
+
+DECISION_TAG = "pneumo.decision"
+PREVIOUS_TAG = "pneumo.previous_champion"
+REASON_TAG = "pneumo.decision.reason"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _alias_version(client: Any, name: str, alias: str) -> Any:
+    """The version an alias points to, or None (also when the model does not exist)."""
+    return unless(MISSING + ("INVALID_PARAMETER_VALUE", "NOT_FOUND"),
+                  lambda: client.get_model_version_by_alias(name, alias))
+
+
+def _aliases(client: Any, name: str) -> dict[str, str]:
+    """``{alias: version}`` for our aliases."""
+    return {alias: str(version.version) for alias in ALIASES
+            if (version := _alias_version(client, name, alias)) is not None}
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    unless(EXISTS, lambda: client.create_registered_model(
+        name, description="Pneumonia vs normal chest X-ray classifier (pyfunc: images in, "
+                          "probability + label out). Aliases: champion, previous-champion, challenger."))
+
+
+def _own_model(client: Any, run: Any) -> str:
+    """The served model a candidate run logged; refuses a tag that points at another run's model."""
+    uri = run.data.tags[TAG_SERVING_MODEL]
+    source_run = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    if source_run != run.info.run_id:
+        raise PromotionError(f"its model {uri} was logged by run {source_run}, not by this candidate")
+    return uri
+
+
+def _evaluate_best(client: Any, ranked: Sequence[Any], test: TestSet, gate: Gate) -> tuple[Any, Evaluation, list[str]]:
+    """The best-ranked candidate whose model loads and scores, and why better-ranked ones were skipped."""
+    skipped: list[str] = []
+    for run in ranked:
+        try:
+            return run, evaluate_model(_own_model(client, run), test, gate), skipped
+        except Exception as error:  # noqa: BLE001 - a broken candidate must not block the next one
+            name = run.data.tags.get(TAG_CANDIDATE, run.info.run_name)
+            skipped.append(f"{name} (run {run.info.run_id}): {one_line(error)}")
+            log.warning("skipping candidate %s: its model could not be evaluated", name)
+    raise PromotionError("no candidate's model could be loaded and evaluated: " + "; ".join(skipped))
+
+
+# ----------------------------------------------------------------------------- promotion
+def promote(
+    parent_run_id: str, test: TestSet, *, gate: Gate, model_name: str, run_ids: Collection[str] | None = None,
+    tracking_uri: str | None = None, dry_run: bool = False, lock_timeout: float = 600.0,
+) -> Decision:
+    """Register the retraining's best candidate and move ``champion`` only if it passes the gate.
+
+    The best-ranked candidate whose model loads is evaluated first, outside the lock. Holding the
+    promotion lock, the current champion is read afresh and scored on the same test images, the
+    gate decides (floors, then the paired test of :mod:`pneumo.evaluation.stats`), and the registry changes:
+    pass → ``champion`` moves to the new version and the old one becomes ``previous-champion``;
+    otherwise the new version gets ``challenger`` and a tag with the reason. The decision is logged
+    on the parent run. If any step fails, the new version is deleted and the aliases are put back.
+    ``run_ids`` limits which child runs compete; ``dry_run`` decides without writing anything.
+
+    Raises:
+        PromotionError: no candidate or test set, lock not obtained, or the registry failed (rolled back).
+    """
+    if not test.images or not len(test.images) == len(test.labels) == len(test.patients):
+        raise PromotionError(f"need a non-empty test set with one label and patient per image (got "
+                             f"{len(test.images)} images, {len(test.labels)} labels, {len(test.patients)} patients)")
+    client = mlflow_client(tracking_uri)
+    ranked = ranked_candidates(parent_run_id, run_ids, tracking_uri=tracking_uri)
+    best, evaluation, skipped = _evaluate_best(client, ranked, test, gate)
+
+    def decide() -> Decision:
+        current = _alias_version(client, model_name, CHAMPION)
+        champion = None if current is None else evaluate_model(
+            f"models:/{model_name}/{current.version}", test, gate, version=str(current.version))
+        return Decision(
+            model_name=model_name, candidate=best.data.tags.get(TAG_CANDIDATE, best.info.run_name),
+            run_id=best.info.run_id, parent_run_id=parent_run_id, dry_run=dry_run,
+            reasons=floor_reasons(gate, evaluation), validation_score=float(best.data.metrics[SCORE_METRIC]),
+            evaluation=evaluation, champion=champion, gate=gate, comparison=compare(test, evaluation, champion, gate),
+            n_test_images=len(test.images), n_test_patients=len(set(test.patients)), skipped=skipped,
+        )
+
+    if dry_run:  # read-only: no lock, no registration
+        decision = decide()
+        decision.aliases = _aliases(client, model_name)
+        return decision
+    _ensure_registered_model(client, model_name)
+    with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
+        decision = decide()  # the champion is read under the lock: never a stale view
+        _apply(client, decision, best, lease)
+    return decision
+
+
+def _card(client: Any, decision: Decision, best: Any) -> str:
+    """The version's model card, from the candidate run and the retraining's data report."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pneumo.promotion.model_card import model_card
+
+    report = None
+    with tempfile.TemporaryDirectory(prefix="pneumo-card-") as tmp:
+        try:
+            report = json.loads(Path(client.download_artifacts(decision.parent_run_id, "data_report.json", tmp)).read_text())
+        except Exception:  # noqa: BLE001 - a retraining logged without a report still gets a card
+            log.warning("retraining %s has no data_report.json; the card omits the counts", decision.parent_run_id)
+    return model_card(decision.record(), best.data.params, best.data.metrics, report,
+                      best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""))
+
+
+def _apply(client: Any, decision: Decision, best: Any, lease: Any) -> None:
+    """Register, move aliases, tag and log; undo everything if any step fails.
+
+    ``lease.ensure_held()`` before each registry write: a holder that lost its lease (it stalled
+    past the ttl and someone took over) stops instead of writing over the new holder's work.
+    """
+    name = decision.model_name
+    before = _aliases(client, name)
+    created = None
+    try:
+        source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
+        lease.ensure_held()
+        created = client.create_model_version(name, source=source, run_id=decision.run_id,
+                                              tags=version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")), description=card,
+                                              model_id=source.removeprefix("models:/"))
+        log_text(client, decision.run_id, "model_card.md", card)
+        decision.version = str(created.version)
+        verdict = decision.outcome
+        lease.ensure_held()
+        if decision.promoted:
+            # previous-champion first: a kill between the two writes never leaves it stale.
+            if decision.champion is not None:
+                client.set_registered_model_alias(name, PREVIOUS, decision.champion.version)
+                # Deleting a version drops its aliases; the tag remembers it so rollback can say so.
+                client.set_registered_model_tag(name, PREVIOUS_TAG, decision.champion.version)
+            client.set_registered_model_alias(name, CHAMPION, decision.version)
+        else:
+            client.set_registered_model_alias(name, CHALLENGER, decision.version)
+        client.set_model_version_tag(name, decision.version, DECISION_TAG, verdict)
+        client.set_model_version_tag(name, decision.version, REASON_TAG, decision.reason[:5000])
+        decision.aliases = _aliases(client, name)
+        _log_decision(client, decision)
+    except BaseException as error:
+        _undo(client, name, before, created)
+        if isinstance(error, Exception):
+            raise PromotionError(f"promotion of {decision.candidate} to {name} failed and was rolled back: "
+                                 f"{one_line(error)}") from error
+        raise
+
+
+def _undo(client: Any, name: str, before: dict[str, str], created: Any) -> None:
+    """Put the aliases back as they were and delete the version this promotion created."""
+    for alias in ALIASES:
+        try:
+            if alias in before:
+                client.set_registered_model_alias(name, alias, before[alias])
+            elif _alias_version(client, name, alias) is not None:
+                client.delete_registered_model_alias(name, alias)
+        except Exception:  # noqa: BLE001 - keep undoing the rest; the original error is raised
+            log.exception("could not restore alias %s of %s", alias, name)
+    if created is not None:
+        try:
+            client.delete_model_version(name, str(created.version))
+        except Exception:  # noqa: BLE001
+            log.exception("could not delete version %s of %s", created.version, name)
+
+
+def _log_decision(client: Any, decision: Decision) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    tags = [RunTag("pneumo.promotion.decision", decision.outcome),
+            RunTag("pneumo.promotion.version", decision.version or ""),
+            RunTag("pneumo.promotion.candidate", decision.candidate),
+            RunTag("pneumo.promotion.reason", decision.reason[:5000])]
+    # The selected candidate's score on the parent too: a folded runs table can sort retrainings by it.
+    metrics = [Metric("promotion.test_score", decision.evaluation.score, now, 0),
+               Metric(SCORE_METRIC, decision.validation_score, now, 0)]
+    if decision.champion is not None:
+        tags.append(RunTag("pneumo.promotion.champion_version", decision.champion.version or ""))
+        metrics.append(Metric("promotion.champion_test_score", decision.champion.score, now, 0))
+    if (comparison := decision.comparison) is not None:
+        metrics += [Metric(f"promotion.score_diff{suffix}", value, now, 0) for suffix, value in
+                    (("", comparison.diff), (".ci_low", comparison.low), (".ci_high", comparison.high))]
+    client.log_batch(decision.parent_run_id, metrics=metrics, tags=tags)
+    log_json(client, decision.parent_run_id, "decision.json", decision.record(), "promotion")
+
+
+# ----------------------------------------------------------------------------- champion, rollback
+def champion_info(model_name: str, *, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """The current champion: version, metrics, threshold, source run; None when there is none."""
+    client = mlflow_client(tracking_uri)
+    version = _alias_version(client, model_name, CHAMPION)
+    return None if version is None else version_info(version, _aliases(client, model_name))
+
+
+def _no_previous(client: Any, model_name: str) -> str:
+    """Why there is nothing to roll back to: never a previous champion, or it was deleted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        remembered = (client.get_registered_model(model_name).tags or {}).get(PREVIOUS_TAG)
+    except MlflowException:
+        remembered = None
+    if remembered:
+        try:
+            client.get_model_version(model_name, remembered)
+        except MlflowException:
+            return f"{model_name} version {remembered}, the previous champion, was deleted: nothing to roll back to"
+    return f"{model_name} has no {PREVIOUS} version to roll back to"
+
+
+def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: float = 600.0) -> dict[str, Any]:
+    """Point ``champion`` back at ``previous-champion`` under the promotion lock; returns the new champion's
+    :func:`champion_info` plus ``rolled_back`` (the demoted version, tagged ``pneumo.rolled_back``).
+
+    ``previous-champion`` is removed, so a second rollback fails instead of flip-flopping.
+
+    Raises:
+        PromotionError: no previous champion (or it was deleted), or its model does not load (nothing changes).
+    """
+    import mlflow.pyfunc
+
+    client = mlflow_client(tracking_uri)
+    with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
+        previous = _alias_version(client, model_name, PREVIOUS)
+        if previous is None:
+            raise PromotionError(_no_previous(client, model_name))
+        try:
+            mlflow.pyfunc.load_model(f"models:/{model_name}/{previous.version}")
+        except Exception as error:  # noqa: BLE001 - any failure means apps could not load it either
+            raise PromotionError(f"{model_name} version {previous.version} ({PREVIOUS}) does not load, so the "
+                                 f"champion stays: {one_line(error)}") from None
+        current = _alias_version(client, model_name, CHAMPION)
+        lease.ensure_held()
+        client.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
+        client.delete_registered_model_alias(model_name, PREVIOUS)
+        client.delete_registered_model_tag(model_name, PREVIOUS_TAG)
+        if current is not None:
+            client.set_model_version_tag(model_name, str(current.version), "pneumo.rolled_back",
+                                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        info = version_info(client.get_model_version(model_name, str(previous.version)),
+                             _aliases(client, model_name))
+    info["rolled_back"] = str(current.version) if current is not None else None
+    return info
