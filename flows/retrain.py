@@ -19,12 +19,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pneumo import pipeline
 from pneumo.config import Settings
 from pneumo.data.storage import cache_dir
-from pneumo.errors import PneumoError
+from pneumo.errors import PneumoError, redact
+from pneumo.mlflow_client import check_tracking_server
 from pneumo.params import RetrainParams
 from pneumo.promotion import tracking
 from pneumo.promotion.leaderboard import decision_markdown, leaderboard_records
-from pneumo.promotion.mlflow_client import check_tracking_server
-from pneumo.redaction import redact
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.

@@ -169,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _registry_target(args: argparse.Namespace) -> tuple[str, str]:
     """(tracking URI, registered model) from flags or settings; fails fast if MLflow is unreachable."""
-    from pneumo.promotion.mlflow_client import check_tracking_server
+    from pneumo.mlflow_client import check_tracking_server
 
     settings = Settings()
     uri = args.tracking_uri or settings.tracking_uri

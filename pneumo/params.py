@@ -48,7 +48,7 @@ class RetrainParams(Strict):
     @field_validator("tracking_uri")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        from pneumo.redaction import has_credentials
+        from pneumo.errors import has_credentials
 
         if value is not None and has_credentials(value):
             # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.

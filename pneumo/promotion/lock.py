@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo.errors import PromotionError
-from pneumo.promotion.mlflow_client import EXISTS, MISSING, error_code, unless
+from pneumo.mlflow_client import EXISTS, MISSING, error_code, unless
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pneumo.promotion.gate import (
     version_tags,
 )
 from pneumo.evaluation.holdout import TestSet
+from pneumo.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
 from pneumo.promotion.lock import promotion_lock
-from pneumo.promotion.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
 from pneumo.promotion.runs import ranked_candidates
 from pneumo.promotion.tracking import (
     SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text,

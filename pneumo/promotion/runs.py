@@ -7,8 +7,8 @@ from collections.abc import Collection
 from typing import Any
 
 from pneumo.errors import PromotionError, TrackingError
+from pneumo.mlflow_client import mlflow_client
 from pneumo.promotion.gate import selection_rank
-from pneumo.promotion.mlflow_client import mlflow_client
 from pneumo.promotion.tracking import PARENT_RUN_TAG, SCORE_METRIC, TAG_FINGERPRINT, TAG_KIND, TAG_SERVING_MODEL, TAG_SOURCE
 
 TIE_BREAK_METRIC = "validation.roc_auc"

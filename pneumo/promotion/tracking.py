@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumo.errors import CandidateLoggingError, TrackingError
-from pneumo.promotion.mlflow_client import check_tracking_server, mlflow_client, one_line
-from pneumo.redaction import redact
+from pneumo.errors import CandidateLoggingError, TrackingError, redact
+from pneumo.mlflow_client import check_tracking_server, mlflow_client, one_line
 
 # Tag keys; the registry and run queries read them back, so they are part of the contract.
 TAG_KIND = "pneumo.kind"

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from pneumo.data.synthetic import generate_dataset
+from pneumo.errors import has_credentials, redact
 from pneumo.params import RetrainParams
-from pneumo.redaction import has_credentials, redact
 
 SECRET = "SECRET42xyz"
 
@@ -58,7 +58,7 @@ def test_a_retraining_stores_the_secret_nowhere(prefect_server, prefect_api, mlf
                            train={"epochs": 1, "image_size": 40, "batch_size": 16}, gate={"min_recall": 0.0})
     # A worker's own process, as a deployment runs it: everything it prints is what an operator sees.
     # Its environment may carry credentials (MLflow passes them to the server); parameters may not.
-    code = ("import sys, json; from flows.retrain import retrain; from pneumo.config import RetrainParams; "
+    code = ("import sys, json; from flows.retrain import retrain; from pneumo.params import RetrainParams; "
             "result = retrain(params=RetrainParams.model_validate_json(sys.argv[1])); "
             "print('VERSION', result['decision']['version'])")
     env = {**os.environ, **prefect_server.env, "MLFLOW_TRACKING_URI": f"http://pneumo:{SECRET}@{host}",

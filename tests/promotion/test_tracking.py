@@ -14,9 +14,9 @@ import pytest
 from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError, TrackingError
 from pneumo.evaluation import metrics as evaluate_metrics
+from pneumo.mlflow_client import check_tracking_server
 from pneumo.pipeline import CandidateResult
 from pneumo.promotion import tracking
-from pneumo.promotion.mlflow_client import check_tracking_server
 from pneumo.promotion.runs import candidate_runs
 from tests.plugins.mlflow_server import labelled_images
 from tests.plugins.s3 import free_port

@@ -8,7 +8,7 @@ bucket. What users can rely on is in docs/storage.md.
 from pneumo.data.storage.cache import META_DIR, STATE_VERSION, cache_dir, reading
 from pneumo.data.storage.ingest import materialize, materialized, sync
 from pneumo.data.storage.keys import FOLDER_MARKER, UNICODE_DUPLICATE
-from pneumo.redaction import redact
+from pneumo.errors import redact
 from pneumo.data.storage.report import (
     MANIFEST_COLUMNS,
     IngestReport,

@@ -18,7 +18,6 @@ from pneumo.data.storage.keys import images_among, nfc, select
 from pneumo.data.storage.report import IngestResult, _pinned_md5, _result, _row
 from pneumo.data.storage.s3 import _S3, _check_reachable, _connect
 from pneumo.data.storage.sources import Source, parse_source, unsafe_reason
-from pneumo.errors import StorageError, TransientStorageError
 from pneumo.data.storage.transfer import (
     DEFAULT_WORKERS,
     ProgressFn,
@@ -27,11 +26,12 @@ from pneumo.data.storage.transfer import (
     _list,
     _run_parallel,
 )
+from pneumo.errors import StorageError, TransientStorageError
 
 if TYPE_CHECKING:  # pandas is imported where frames are built: keeps `pneumo --help` fast.
     import pandas as pd
 
-# The package's logger, so records keep the name ``pneumo.data.storage`` they had before the split.
+# The package's logger (``pneumo.data.storage``): one name for every storage module's records.
 log = logging.getLogger(__package__)
 # Rounds of "materialize, then re-check under the shared lock" before giving up on a busy cache.
 _HOLD_ATTEMPTS = 3

@@ -13,8 +13,7 @@ from urllib.parse import urlsplit
 from pneumo.data.storage.cache import _CHUNK
 from pneumo.data.storage.report import _PLAIN_MD5
 from pneumo.data.storage.sources import Source
-from pneumo.errors import StorageError, TransientStorageError
-from pneumo.redaction import redact
+from pneumo.errors import StorageError, TransientStorageError, redact
 
 # Body-read attempts of our own: botocore retries requests, not a body cut off mid-stream.
 _BODY_ATTEMPTS = 6

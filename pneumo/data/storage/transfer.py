@@ -15,8 +15,7 @@ from typing import Any, TypeVar
 
 from pneumo.data.storage.cache import META_DIR, _Cache, _Entry, _md5_file
 from pneumo.data.storage.report import UploadReport
-from pneumo.errors import StorageError
-from pneumo.redaction import redact
+from pneumo.errors import StorageError, redact
 from pneumo.data.storage.s3 import (
     _BODY_ATTEMPTS,
     _S3,

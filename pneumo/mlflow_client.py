@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from pneumo.errors import TrackingError
-from pneumo.redaction import has_credentials, redact
+from pneumo.errors import TrackingError, has_credentials, redact
 
 T = TypeVar("T")
 MISSING = ("RESOURCE_DOES_NOT_EXIST",)
