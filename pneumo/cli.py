@@ -270,6 +270,33 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (1..65535): {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from pneumo.serving.server import serve
+
+    uri, model = _registry_target(args)
+    return serve(uri, model, args.alias, host=args.host, port=args.port, poll_seconds=args.poll_seconds,
+                 webhook_url=args.webhook_url, log=_log)
+
+
 def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registered model (default PNEUMO_REGISTERED_MODEL or pneumonia-classifier)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI / PNEUMO_TRACKING_URI)")
@@ -337,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     champion.add_argument("--card", action="store_true", help="print the champion's model card (Markdown)")
     _add_registry_flags(champion)
     champion.set_defaults(handler=_cmd_champion)
+
+    serve = sub.add_parser("serve", help="serve the version an alias points at over MLflow's scoring protocol, "
+                           "following the alias as it moves")
+    serve.add_argument("--model", help="registered model (default PNEUMO_REGISTERED_MODEL or pneumonia-classifier)")
+    serve.add_argument("--alias", default="champion", help="registry alias to follow (default champion)")
+    serve.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI / PNEUMO_TRACKING_URI)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=5001, help="TCP port (default 5001)")
+    serve.add_argument("--poll-seconds", type=_seconds, default=30.0, help="how often to check the alias (default 30)")
+    serve.add_argument("--webhook-url", help="URL at which the tracking server reaches this server's webhook "
+                       "(e.g. http://scorer:5001/webhook); polling stays on as the fallback")
+    serve.set_defaults(handler=_cmd_serve)
 
     return parser
 
