@@ -2,11 +2,12 @@
 
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,15 +21,24 @@ WEBHOOK_SECRET_ENV = "PNEUMO_WEBHOOK_SECRET"
 
 
 def build_app(follower: AliasFollower, *, webhook_path: str | None = None, webhook_secret: str = "",
-              log: Callable[[str], None] = print) -> Any:
-    """The FastAPI app: ``/invocations`` (MLflow's ``invocations``), ``/ping``, ``/health``, ``/version``[, webhook]."""
+              on_shutdown: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> Any:
+    """The FastAPI app: ``/invocations`` (MLflow's ``invocations``), ``/ping``, ``/health``, ``/version``[, webhook].
+
+    ``on_shutdown`` runs when uvicorn shuts down: after SIGTERM uvicorn re-raises the signal once the
+    app has stopped, so code after ``Server.run`` would never run.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc.scoring_server import invocations
 
-    app = FastAPI(title="pneumo serve")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        on_shutdown()
+
+    app = FastAPI(title="pneumo serve", lifespan=lifespan)
     timeout = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
     @app.middleware("http")
@@ -101,6 +111,19 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _webhook(follower: AliasFollower, url: str, secret: str, log: Callable[[str], None]) -> str | None:
+    """Register the webhook; its id, or None (the reason in ``/health``) when the server cannot deliver to us."""
+    try:
+        webhook_id = webhook.register(follower.tracking_uri, url, follower.model_name, follower.alias, secret)
+    except webhook.WebhookUnavailable as why:
+        follower.webhook = {"url": url, "unavailable": str(why)}
+        log(f"no webhook ({why}); following @{follower.alias} by polling every {follower.poll_seconds:g} s")
+        return None
+    follower.webhook = {"url": url, "id": webhook_id}
+    log(f"webhook {webhook_id} registered: MLflow posts alias moves to {url}")
+    return webhook_id
+
+
 def serve(tracking_uri: str, model_name: str, alias: str, *, host: str, port: int, poll_seconds: float,
           webhook_url: str | None = None, log: Callable[[str], None] = print) -> int:
     """Load ``models:/NAME@ALIAS``, serve it on ``host:port`` and follow the alias until interrupted.
@@ -117,29 +140,22 @@ def serve(tracking_uri: str, model_name: str, alias: str, *, host: str, port: in
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ["MLFLOW_IS_IN_SERVING_ENVIRONMENT"] = "true"  # as MLflow's scoring server sets it
-    sock = listen(host, port)
-    follower = AliasFollower(tracking_uri, model_name, alias, poll_seconds=poll_seconds, log=log)
-    follower.start()
-    secret = os.environ.get(WEBHOOK_SECRET_ENV) or secrets.token_urlsafe(32)
-    webhook_id = None
-    if webhook_url:
-        try:
-            webhook_id = webhook.register(tracking_uri, webhook_url, model_name, alias, secret)
-            follower.webhook = {"url": webhook_url, "id": webhook_id}
-            log(f"webhook {webhook_id} registered: MLflow posts alias moves to {webhook_url}")
-        except webhook.WebhookUnavailable as why:
-            follower.webhook = {"url": webhook_url, "unavailable": str(why)}
-            log(f"no webhook ({why}); following @{alias} by polling every {poll_seconds:g} s")
-    app = build_app(follower, webhook_path=urlparse(webhook_url).path or "/" if webhook_url else None,
-                    webhook_secret=secret, log=log)
-    follower.follow()
-    log(f"pneumo serve: {model_name}@{alias} on http://{host}:{port} (tracking {redact(tracking_uri)}, "
-        f"polling every {poll_seconds:g} s)")
-    try:
+    with listen(host, port) as sock:  # bound first: a taken port fails before the model loads
+        follower = AliasFollower(tracking_uri, model_name, alias, poll_seconds=poll_seconds, log=log)
+        follower.start()
+        secret = os.environ.get(WEBHOOK_SECRET_ENV) or secrets.token_urlsafe(32)
+        webhook_id = _webhook(follower, webhook_url, secret, log) if webhook_url else None
+
+        def shut_down() -> None:
+            follower.stop()
+            if webhook_id:
+                webhook.unregister(tracking_uri, webhook_id)
+            log("pneumo serve: stopped")
+
+        app = build_app(follower, webhook_path=(urlparse(webhook_url).path or "/") if webhook_url else None,
+                        webhook_secret=secret, on_shutdown=shut_down, log=log)
+        follower.follow()
+        log(f"pneumo serve: {model_name}@{alias} on http://{host}:{port} (tracking {redact(tracking_uri)}, "
+            f"polling every {poll_seconds:g} s)")
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)).run(sockets=[sock])
-    finally:
-        follower.stop()
-        if webhook_id:
-            webhook.unregister(tracking_uri, webhook_id)
-        sock.close()
     return 0

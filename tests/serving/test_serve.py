@@ -271,5 +271,27 @@ def test_webhook_swaps_without_waiting_for_a_poll(webhook_server, tmp_path):
         forged = {"X-MLflow-Delivery-Id": "x", "X-MLflow-Timestamp": stamp,
                   "X-MLflow-Signature": webhook.signature("not-the-secret", "x", stamp, body)}
         assert requests.post(hook, data=body, headers=forged, timeout=10).status_code == 401
-        assert [w.url for w in client.search_webhooks()] == [hook]
-    assert list(client.search_webhooks()) == []  # removed at shutdown
+        assert [w.url for w in client.list_webhooks()] == [hook]
+    assert list(client.list_webhooks()) == []  # removed at shutdown
+
+
+def test_bad_arguments_fail_with_one_line_before_loading_anything(polled, capsys):
+    from pneumo.cli import main
+
+    served, name, _, uri = polled
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "70000"])
+    assert exited.value.code == 2 and "not a TCP port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--poll-seconds", "0"])
+    assert "not a positive number of seconds" in capsys.readouterr().err
+    cases = [
+        (["--tracking-uri", "http://user:secret@127.0.0.1:9", "--model", name], "is unreachable"),
+        (["--tracking-uri", uri, "--model", f"{name}-missing"], f"{name}-missing' has no alias 'champion'"),
+        (["--tracking-uri", uri, "--model", name, "--alias", "nonexistent"], "has no alias 'nonexistent'"),
+        (["--tracking-uri", uri, "--model", name, "--port", served.url.rsplit(":", 1)[1]], "cannot listen on"),
+    ]
+    for args, message in cases:
+        assert main(["serve", "--host", "127.0.0.1", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pneumo: error: ") and message in err and "\n" not in err and "secret" not in err, err
