@@ -1,7 +1,9 @@
-"""Serving: the pyfunc model downstream apps load from the registry, and how it is logged.
+"""Serving: the pyfunc model downstream apps load from the registry, how it is logged, and ``pneumo serve``.
 
-Entry points: :class:`.pyfunc.PneumoniaClassifier` and :mod:`.packaging` (``log_serving_model``,
-``log_keras_model``, ``save_serving_model``).
+Entry points: :class:`.pyfunc.PneumoniaClassifier`, :mod:`.packaging` (``log_serving_model``,
+``log_keras_model``, ``save_serving_model``) and :func:`.server.serve` (the alias-following REST
+server; :class:`.follower.AliasFollower` loads, smoke-tests (:mod:`.smoke`) and swaps versions,
+:mod:`.webhook` registers and verifies MLflow's alias webhook).
 """
 
 
