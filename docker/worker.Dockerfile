@@ -76,4 +76,4 @@ EXPOSE 8080 8786 8787
 CMD ["prefect", "worker", "start", \
      "--pool", "pneumo-process", "--type", "process", \
      "--base-job-template", "/opt/pneumo/deployments/process.json", \
-     "--limit", "1", "--with-healthcheck"]
+     "--limit", "2", "--with-healthcheck"]

@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pneumo import pipeline
@@ -145,6 +146,19 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
     return candidates, decision, rows
 
 
+def _skipped(params: RetrainParams, ingested: Record, reason: str) -> State:
+    """End a retraining that would train nothing new: a short MLflow run, a Prefect artifact, the reason
+    as the run's state message."""
+    run_id = pipeline.record_skipped(params, ingested["fingerprint"], reason, ingested["report"])
+    get_run_logger().info("retraining skipped: %s (MLflow run %s)", reason, run_id)
+    create_markdown_artifact(f"## Retraining skipped\n\n{reason}.\n\nMLflow run `{run_id}` "
+                             f"(tag `pneumo.outcome=skipped`); no candidate was trained and no version registered.",
+                             key="retraining-skipped", description="Why this retraining trained nothing")
+    result = {"outcome": "skipped", "reason": reason, "parent_run_id": run_id, "fingerprint": ingested["fingerprint"],
+              "leaderboard": [], "decision": None, "candidates": []}
+    return Completed(message=f"Skipped: {reason}", data=result)
+
+
 @flow(name="retrain", task_runner=_task_runner(), log_prints=True)
 def retrain(params: RetrainParams = RetrainParams()) -> Record:
     """Retrain the candidates on the dataset at ``params.source`` and promote the best one.
@@ -162,6 +176,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     configure_thread_pools(concurrent_tasks=len(params.candidates))
 
     ingested = ingest(params.source)
+    if not params.force and (reason := pipeline.skip_reason(params, ingested["fingerprint"])):
+        return _skipped(params, ingested, reason)
     validated = validate_data(ingested["root"], ingested["manifest"], params)
     # Before any training: a configuration that cannot fit the worker fails now, with the numbers.
     estimate = pipeline.check_memory(params.candidates, params.train, validated["report"]["images"], log=logger.info)
@@ -169,7 +185,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
               "memory_estimate": estimate}
     parent_run_id = tracking.start_retraining(
         params.tracking_uri, params.experiment, params.source, ingested["fingerprint"], params,
-        data_report=report, manifest=_frame(validated["manifest"]),
+        data_report=report, manifest=_frame(validated["manifest"]), ingested=_frame(ingested["manifest"]),
     )
     logger.info("MLflow parent run %s on %s", parent_run_id, redact(params.tracking_uri))
 
@@ -187,5 +203,5 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     timings = {"ingest": ingested["seconds"], "validate-data": validated["seconds"],
                **{f"train-{c['name']}": c["finished"] - c["started"] for c in survivors},
                "select-and-promote": decision["seconds"] if decision else 0.0}
-    return {"parent_run_id": parent_run_id, "fingerprint": ingested["fingerprint"], "leaderboard": rows,
-            "decision": decision, "candidates": candidates, "task_seconds": timings}
+    return {"outcome": "trained", "parent_run_id": parent_run_id, "fingerprint": ingested["fingerprint"],
+            "leaderboard": rows, "decision": decision, "candidates": candidates, "task_seconds": timings}

@@ -1,4 +1,4 @@
-"""The retraining flow's one parameter, validated against the model registry before any work starts.
+"""The flows' parameters (retraining, dataset watch), validated before any work starts.
 
 Model names come from :mod:`pneumo.training.models`, imported only when a name is validated
 (it imports Keras, which costs seconds).
@@ -9,6 +9,16 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from pneumo.config import REGISTERED_MODEL_PATTERN, Gate, Settings, Strict, TrainConfig
+
+
+def _refuse_credentials(value: str | None) -> str | None:
+    from pneumo.errors import has_credentials
+
+    if value is not None and has_credentials(value):
+        # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.
+        raise ValueError("tracking_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD "
+                         "or MLFLOW_TRACKING_TOKEN on the worker instead")
+    return value
 
 
 def _all_models() -> list[str]:
@@ -29,6 +39,8 @@ class RetrainParams(Strict):
     tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
     min_images_per_class: int = Field(2, ge=1, description="Fail early below this per subset and class.")
+    force: bool = Field(False, description="Train even when the dataset, parameters and code equal the last "
+                                           "finished retraining's (otherwise that retraining is skipped).")
 
     @field_validator("candidates")
     @classmethod
@@ -45,16 +57,7 @@ class RetrainParams(Strict):
                 raise ValueError(str(error)) from None
         return value
 
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        from pneumo.errors import has_credentials
-
-        if value is not None and has_credentials(value):
-            # Parameters are stored (Prefect, MLflow params): credentials must come from the environment.
-            raise ValueError("tracking_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD "
-                             "or MLFLOW_TRACKING_TOKEN on the worker instead")
-        return value
+    _no_credentials = field_validator("tracking_uri")(_refuse_credentials)
 
     @model_validator(mode="after")
     def _image_size_fits_every_candidate(self) -> RetrainParams:
@@ -74,3 +77,19 @@ class RetrainParams(Strict):
             "registered_model": self.registered_model or settings.registered_model,
         })
 
+
+class WatchParams(Strict):
+    """The dataset watch's one parameter: which source, compared with which experiment's retrainings."""
+
+    source: str = Field(".pneumo/demo-data", description="s3://bucket/prefix, file:// URI or local folder.")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: the worker's settings.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the worker's settings.")
+    settle_seconds: float = Field(60.0, ge=0, le=3600, description="List twice this far apart and emit only "
+                                                                     "when both agree (an upload still going waits).")
+
+    _no_credentials = field_validator("tracking_uri")(_refuse_credentials)
+
+    def resolved(self, settings: Settings) -> WatchParams:
+        """A copy with the worker's settings filled in where the parameter left them unset."""
+        return self.model_copy(update={"tracking_uri": self.tracking_uri or settings.tracking_uri,
+                                       "experiment": self.experiment or settings.experiment})

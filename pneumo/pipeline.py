@@ -21,8 +21,8 @@ from pneumo.data import storage
 from pneumo.data.images import assign_subsets, class_weights, validate_images
 from pneumo.data.layout import CLASSES
 from pneumo.data.storage import IngestResult, cache_dir, counts_by
-from pneumo.errors import CandidateFailed, DataError
-from pneumo.params import RetrainParams
+from pneumo.errors import CandidateFailed, DataError, redact
+from pneumo.params import RetrainParams, WatchParams
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -300,6 +300,87 @@ def train_and_log(
     summary = result.summary()
     summary.pop("history")
     return {**summary, "run_id": run_id, "pid": os.getpid(), "started": started, "finished": time.time()}
+
+
+# ----------------------------------------------------------------------------- whether to retrain
+def skip_reason(params: RetrainParams, fingerprint: str) -> str | None:
+    """Why this retraining would train nothing new, or None: the last finished retraining of the same
+    source in the experiment had the same dataset fingerprint, parameter digest and code version."""
+    from pneumo.promotion import runs, tracking
+    from pneumo.promotion.provenance import code_version, params_digest
+
+    finished = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
+                                         max_results=1)
+    if not finished:
+        return None
+    last = finished[0]
+    ours = {tracking.TAG_FINGERPRINT: fingerprint, tracking.TAG_PARAMS_DIGEST: params_digest(params),
+            tracking.TAG_CODE_VERSION: code_version()["version"]}
+    if any(last.data.tags.get(tag) != value for tag, value in ours.items()):
+        return None
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last.info.start_time / 1000))
+    return (f"nothing changed since retraining {last.info.run_id} ({started}): the same dataset (fingerprint "
+            f"{fingerprint[:12]}), parameters and code ({ours[tracking.TAG_CODE_VERSION][:12]}); "
+            "set force: true to train anyway")
+
+
+def record_skipped(params: RetrainParams, fingerprint: str, reason: str, ingest_report: dict[str, Any]) -> str:
+    """A short, finished MLflow parent run for a skipped retraining (no candidates); returns its id."""
+    from pneumo.promotion import tracking
+
+    run_id = tracking.start_retraining(
+        params.tracking_uri, params.experiment, params.source, fingerprint, params,
+        data_report={"ingest": ingest_report, "fingerprint": fingerprint, "skipped": reason},
+        run_name=time.strftime("retrain-%Y%m%d-%H%M%S-skipped", time.gmtime()),
+        tags={tracking.TAG_OUTCOME: "skipped", tracking.TAG_SKIP_REASON: reason})
+    tracking.finish_retraining(run_id, status="FINISHED", tracking_uri=params.tracking_uri)
+    return run_id
+
+
+def dataset_changes(params: WatchParams, settings: Settings, *, log: Log = print) -> dict[str, Any]:
+    """What differs at ``params.source`` from what the last finished retraining on it ingested.
+
+    ``status`` is ``changed`` (counts per split and class in ``changes``), ``unchanged``, or
+    ``settling``: two listings ``settle_seconds`` apart differ, so an upload is still going and the
+    next watch looks again. Lists the source without downloading anything.
+
+    Raises:
+        TrackingError: the tracking server is unreachable or its runs cannot be read.
+        StorageError: the source cannot be listed (TransientStorageError when that may pass).
+    """
+    from pneumo.mlflow_client import check_tracking_server
+    from pneumo.promotion import runs
+
+    check_tracking_server(params.tracking_uri)
+    cache = cache_dir(settings.home, params.source)
+    listing = storage.list_images(params.source, cache, endpoint_url=settings.s3_endpoint_url)
+    result: dict[str, Any] = {"source": redact(params.source), "images": len(listing),
+                              "fingerprint": storage.fingerprint(listing.drop(columns="md5"))}
+    if params.settle_seconds:
+        time.sleep(params.settle_seconds)
+        moving = storage.manifest_changes(listing, storage.list_images(
+            params.source, cache, endpoint_url=settings.s3_endpoint_url))
+        if moving:
+            return {**result, "status": "settling", "changes": moving,
+                    "summary": f"the source changed between two listings {params.settle_seconds:g} s apart "
+                               "(an upload is still going); the next watch looks again"}
+    previous = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
+                                         trained=True, max_results=20)
+    before = runs.ingest_manifest(previous[0].info.run_id, tracking_uri=params.tracking_uri) if previous else None
+    if previous:
+        result.update(previous_run_id=previous[0].info.run_id,
+                      previous_fingerprint=previous[0].data.tags.get("pneumo.dataset.fingerprint", ""))
+    changes = storage.manifest_changes(before if before is not None else listing.iloc[:0], listing)
+    totals = {kind: sum(counts.get(kind, 0) for classes in changes.values() for counts in classes.values())
+              for kind in ("added", "removed", "changed")}
+    since = (f"retraining {previous[0].info.run_id}" if before is not None else
+             f"retraining {previous[0].info.run_id}, which logged no ingest manifest" if previous else
+             "no finished retraining")
+    summary = (f"{totals['added']} added, {totals['removed']} removed, {totals['changed']} changed since {since}"
+               if changes else f"unchanged since {since} ({len(listing)} images)")
+    log(f"dataset watch {redact(params.source)}: {summary}")
+    return {**result, **totals, "status": "changed" if changes else "unchanged", "changes": changes,
+            "summary": summary}
 
 
 # ----------------------------------------------------------------------------- promotion

@@ -17,7 +17,7 @@ import yaml
 
 from pydantic import ValidationError
 
-from pneumo.params import RetrainParams
+from pneumo.params import RetrainParams, WatchParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
@@ -33,6 +33,8 @@ POOLS = {
     "pneumo-gpu-k8s": ("kubernetes", ROOT / "deployments" / "gpu-k8s.json"),
 }
 ENTRYPOINT = "flows/retrain.py:retrain"
+WATCH_ENTRYPOINT = "flows/watch.py:watch_dataset"
+RETRAININGS = ("retrain-weekly", "retrain-on-demand", "retrain-on-new-data")
 WEEKLY_CRON = "0 3 * * 1"
 IMAGE_REPO_DIR = "/opt/pneumo"
 
@@ -80,7 +82,7 @@ def prefect_yaml_problems(doc: dict[str, Any]) -> list[str]:
     if not isinstance(doc.get("deployments"), list):
         problems.append("prefect.yaml: deployments must be a list")
     deployments = by_name(doc)
-    for name in ("retrain-weekly", "retrain-on-demand"):
+    for name in RETRAININGS:
         deployment = deployments.get(name)
         if deployment is None:
             problems.append(f"deployment {name} is missing")
@@ -90,8 +92,11 @@ def prefect_yaml_problems(doc: dict[str, Any]) -> list[str]:
         pool = (deployment.get("work_pool") or {}).get("name")
         if pool != "pneumo-process":
             problems.append(f"{name}: work pool is {pool!r}, not pneumo-process")
-        if deployment.get("concurrency_limit") != 1:
+        limit = deployment.get("concurrency_limit")
+        if (limit.get("limit") if isinstance(limit, dict) else limit) != 1:
             problems.append(f"{name}: concurrency_limit must be 1")
+        if (deployment.get("work_pool") or {}).get("work_queue_name") != "retraining":
+            problems.append(f"{name}: work queue must be 'retraining' (one retraining at a time across deployments)")
         params = (deployment.get("parameters") or {}).get("params")
         if not isinstance(params, dict):
             problems.append(f"{name}: parameters.params must be a mapping")
@@ -109,6 +114,16 @@ def prefect_yaml_problems(doc: dict[str, Any]) -> list[str]:
         problems.append(f"retrain-weekly: schedules must be one active cron {WEEKLY_CRON!r} in UTC, got {schedules}")
     if deployments.get("retrain-on-demand", {}).get("schedules"):
         problems.append("retrain-on-demand must have no schedule")
+    triggers = deployments.get("retrain-on-new-data", {}).get("triggers") or []
+    if [t.get("expect") for t in triggers] != [["pneumo.dataset.changed"]]:
+        problems.append(f"retrain-on-new-data: one trigger expecting pneumo.dataset.changed, got {triggers}")
+    watch = deployments.get("watch-dataset", {})
+    if watch.get("entrypoint") != WATCH_ENTRYPOINT:
+        problems.append(f"watch-dataset: entrypoint must be {WATCH_ENTRYPOINT}")
+    try:
+        WatchParams.model_validate((watch.get("parameters") or {}).get("params") or {})
+    except ValidationError as error:
+        problems.append(f"watch-dataset: parameters.params is not a valid WatchParams: {error.errors()[0]['loc']}")
     return problems
 
 
@@ -195,9 +210,13 @@ def gpu_doc() -> dict[str, Any]:
     return load_yaml(GPU_YAML)
 
 
-def test_prefect_yaml_defines_the_two_deployments(prefect_doc: dict[str, Any]) -> None:
+def test_prefect_yaml_defines_the_retrainings_and_the_watch(prefect_doc: dict[str, Any]) -> None:
     assert prefect_yaml_problems(prefect_doc) == []
-    assert set(by_name(prefect_doc)) == {"retrain-weekly", "retrain-on-demand"}
+    assert set(by_name(prefect_doc)) == {*RETRAININGS, "watch-dataset"}
+    on_new_data = by_name(prefect_doc)["retrain-on-new-data"]
+    assert on_new_data["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert by_name(prefect_doc)["watch-dataset"]["schedules"] == [{"interval": 900, "active": True}]
+    assert by_name(prefect_doc)["watch-dataset"]["work_pool"]["work_queue_name"] == "watch"
 
 
 def test_weekly_schedule_fires_on_monday_at_three_utc(prefect_doc: dict[str, Any]) -> None:
@@ -217,7 +236,11 @@ def test_default_params_are_valid_and_match_the_stack(prefect_doc: dict[str, Any
     from pneumo.config import Settings
 
     params = by_name(prefect_doc)["retrain-weekly"]["parameters"]["params"]
-    assert by_name(prefect_doc)["retrain-on-demand"]["parameters"]["params"] == params
+    assert by_name(prefect_doc)["retrain-on-new-data"]["parameters"]["params"] == params
+    # A person asked for it: on-demand trains even on unchanged data; the other two skip then.
+    assert by_name(prefect_doc)["retrain-on-demand"]["parameters"]["params"] == {**params, "force": True}
+    assert "force" not in params and RetrainParams.model_fields["force"].default is False
+    assert by_name(prefect_doc)["watch-dataset"]["parameters"]["params"]["source"] == params["source"]
     validated = RetrainParams.model_validate(params)
     assert validated.model_dump(mode="json", exclude_unset=True) == params  # nothing dropped or coerced
     assert validated.gate.min_specificity > 0  # production refuses an "always pneumonia" model
@@ -366,7 +389,10 @@ def _dockerfile_cmd() -> list[str]:
 
 def test_broken_prefect_yaml_is_caught(prefect_doc: dict[str, Any]) -> None:
     broken = copy.deepcopy(prefect_doc)
-    weekly, on_demand = broken["deployments"]
+    weekly, on_demand, on_new_data, watch = broken["deployments"]
+    on_new_data["triggers"][0]["expect"] = ["pneumo.dataset.changd"]
+    on_new_data["work_pool"] = {"name": "pneumo-process", "work_queue_name": "default"}
+    watch["parameters"]["params"]["settle_seconds"] = -1
     weekly["schedules"][0]["cron"] = "0 3 * * 0"
     weekly["work_pool"] = {"name": "pneumo-proces"}
     on_demand["concurrency_limit"] = 2
@@ -378,6 +404,9 @@ def test_broken_prefect_yaml_is_caught(prefect_doc: dict[str, Any]) -> None:
     assert "retrain-on-demand: concurrency_limit must be 1" in problems
     assert "retrain-on-demand must have no schedule" in problems
     assert "retrain-on-demand: parameters.params is not a valid RetrainParams: epoch" in problems
+    assert any(p.startswith("retrain-on-new-data: one trigger expecting pneumo.dataset.changed") for p in problems)
+    assert any(p.startswith("retrain-on-new-data: work queue must be 'retraining'") for p in problems)
+    assert "watch-dataset: parameters.params is not a valid WatchParams: ('settle_seconds',)" in problems
     del broken["deployments"][1]
     assert "deployment retrain-on-demand is missing" in prefect_yaml_problems(broken)
     broken["deployments"] = "not a list"

@@ -1,15 +1,28 @@
-"""MLflow reads: a retraining's candidate runs ranked by score, the latest retraining, its dataset."""
+"""MLflow reads: a retraining's candidate runs ranked by score, the latest retraining, its dataset,
+the finished retrainings of a source (what the skip and the dataset watch compare with)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pneumo.errors import PromotionError, TrackingError
-from pneumo.mlflow_client import mlflow_client
+from pneumo.mlflow_client import mlflow_client, one_line
 from pneumo.promotion.gate import selection_rank
-from pneumo.promotion.tracking import PARENT_RUN_TAG, SCORE_METRIC, TAG_FINGERPRINT, TAG_KIND, TAG_SERVING_MODEL, TAG_SOURCE
+from pneumo.promotion.tracking import (
+    INGEST_MANIFEST,
+    PARENT_RUN_TAG,
+    SCORE_METRIC,
+    TAG_FINGERPRINT,
+    TAG_KIND,
+    TAG_OUTCOME,
+    TAG_SERVING_MODEL,
+    TAG_SOURCE,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TIE_BREAK_METRIC = "validation.roc_auc"
 
@@ -64,3 +77,37 @@ def retraining_dataset(parent_run_id: str, *, tracking_uri: str | None = None) -
     if TAG_SOURCE not in tags:
         raise TrackingError(f"run {parent_run_id} is not a pneumo retraining run (no {TAG_SOURCE} tag)")
     return tags[TAG_SOURCE], tags.get(TAG_FINGERPRINT, "")
+
+
+def finished_retrainings(experiment: str, source: str, *, tracking_uri: str | None = None,
+                         trained: bool = False, max_results: int = 50) -> list[Any]:
+    """The finished retraining runs on ``source`` in ``experiment``, newest first; ``trained``: only
+    those that trained (not skipped). An experiment that does not exist has none."""
+    client = mlflow_client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=max_results,
+                              filter_string=f"tags.`{TAG_KIND}` = 'retraining' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    # The source is compared here, not in the filter: MLflow's filter strings cannot quote every URI.
+    return [run for run in runs if run.data.tags.get(TAG_SOURCE) == source
+            and not (trained and run.data.tags.get(TAG_OUTCOME) == "skipped")]
+
+
+def ingest_manifest(run_id: str, *, tracking_uri: str | None = None) -> pd.DataFrame | None:
+    """The ingest manifest a retraining logged (path, split, label, bytes, etag), or None (older runs)."""
+    import tempfile
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri)
+    if INGEST_MANIFEST not in {item.path for item in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="pneumo-manifest-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, INGEST_MANIFEST, tmp)
+        except MlflowException as error:
+            raise TrackingError(f"cannot read {INGEST_MANIFEST} of retraining {run_id}: {one_line(error)}") from None
+        return pd.read_csv(path, dtype={"path": str, "split": str, "etag": str})

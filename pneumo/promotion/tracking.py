@@ -14,6 +14,7 @@ from typing import Any
 
 from pneumo.errors import CandidateLoggingError, TrackingError, redact
 from pneumo.mlflow_client import check_tracking_server, mlflow_client, one_line
+from pneumo.promotion.provenance import code_version, params_digest
 
 # Tag keys; the registry and run queries read them back, so they are part of the contract.
 TAG_KIND = "pneumo.kind"
@@ -24,6 +25,12 @@ TAG_CANDIDATE = "pneumo.candidate"
 TAG_SERVING_MODEL = "pneumo.serving_model_uri"
 TAG_KERAS_MODEL = "pneumo.keras_model_uri"
 TAG_ERROR = "pneumo.error"
+TAG_OUTCOME = "pneumo.outcome"  # "skipped" on a retraining that found nothing new to train
+TAG_SKIP_REASON = "pneumo.skip_reason"
+TAG_PARAMS_DIGEST = "pneumo.params_digest"
+TAG_CODE_VERSION = "pneumo.code_version"
+TAG_CODE_DIRTY = "pneumo.code_dirty"
+INGEST_MANIFEST = "ingest_manifest.csv"  # what the ingest listed, before validation: the dataset watch's baseline
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests children by it
 SCORE_METRIC = "validation.selection_score"  # what candidates are ranked by
 DATASET_NAME = "chest-xray"
@@ -143,12 +150,15 @@ def _origin_tags() -> dict[str, str]:
 # ----------------------------------------------------------------------------- parent run
 def start_retraining(
     tracking_uri: str, experiment: str, source: str, fingerprint: str, config: Any, *,
-    data_report: Mapping[str, Any] | None = None, manifest: Any = None, run_name: str | None = None,
+    data_report: Mapping[str, Any] | None = None, manifest: Any = None, ingested: Any = None,
+    run_name: str | None = None, tags: Mapping[str, str] | None = None,
 ) -> str:
     """Check the server, then open the parent run of one retraining (before training); returns its id.
 
     ``config`` is logged as params and ``config.json``, ``data_report`` as ``data_report.json``;
-    ``manifest`` gives the logged dataset its schema and row count.
+    ``manifest`` gives the logged dataset its schema and row count; ``ingested`` (the ingest's
+    manifest) is logged as :data:`INGEST_MANIFEST`. The code version and the parameter digest
+    (:mod:`pneumo.promotion.provenance`) are tags of every retraining.
 
     Raises:
         TrackingError: the server is unreachable or cannot store runs or artifacts.
@@ -156,15 +166,21 @@ def start_retraining(
     import pneumo
 
     check_tracking_server(tracking_uri)
+    code = code_version()
     try:
         client = mlflow_client(tracking_uri)
         run = client.create_run(
             _experiment_id(client, experiment),
             run_name=run_name or time.strftime("retrain-%Y%m%d-%H%M%S", time.gmtime()),
             tags={TAG_KIND: "retraining", TAG_SOURCE: source, TAG_FINGERPRINT: fingerprint,
-                  TAG_VERSION: pneumo.__version__, **_origin_tags()},
+                  TAG_VERSION: pneumo.__version__, TAG_PARAMS_DIGEST: params_digest(config),
+                  TAG_CODE_VERSION: code["version"], TAG_CODE_DIRTY: str(code["dirty"]).lower(),
+                  **_origin_tags(), **(tags or {})},
         )
         run_id = run.info.run_id
+        if ingested is not None:
+            columns = [c for c in ("path", "split", "label", "bytes", "etag") if c in ingested.columns]
+            log_text(client, run_id, INGEST_MANIFEST, ingested[columns].to_csv(index=False))
         _log_params(client, run_id, flatten(config))
         _log_dataset(client, run_id, dataset_entity(source, fingerprint, manifest), "retraining")
         # Writing artifacts now proves the artifact store works before hours of training.

@@ -49,7 +49,9 @@ class PrefectServer:
         port = free_port()
         log = home / "server.log"
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_UI_ENABLED": "false"}
+               "PREFECT_UI_ENABLED": "false",
+               # Schedules are turned into runs within seconds, not a minute (tests wait for one).
+               "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
         env.pop("PREFECT_API_URL", None)
         with log.open("wb") as sink:
             process = subprocess.Popen(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pneumo.data.layout import SPLITS, ImageKey
 from pneumo.data.storage.cache import META_DIR, _Cache, _Md5Memo, reading
 from pneumo.data.storage.keys import images_among, nfc, select
-from pneumo.data.storage.report import IngestResult, _pinned_md5, _result, _row
+from pneumo.data.storage.report import IngestResult, _build_frame, _pinned_md5, _result, _row
 from pneumo.data.storage.s3 import _S3, _check_reachable, _connect
 from pneumo.data.storage.sources import Source, parse_source, unsafe_reason
 from pneumo.data.storage.transfer import (
@@ -298,3 +298,21 @@ def _no_images_message(where: str, listed: int, skipped: list[tuple[str, str]]) 
     if any(path.split("/")[0] in ("train", "val", "test") for path, _ in skipped):
         hint = "the source seems to point inside chest_xray/: use the prefix that holds chest_xray/"
     return f"no dataset images in {where} ({listed} objects listed; {hint})"
+
+
+def list_images(source: str | os.PathLike[str] | Source, cache_dir: str | os.PathLike[str] | None, *,
+                endpoint_url: str | None = None, workers: int = DEFAULT_WORKERS) -> pd.DataFrame:
+    """The dataset images at ``source`` as manifest rows, by the rules :func:`sync` applies, downloading nothing.
+
+    For ``s3://`` the rows are the listing's keys, sizes and ETags (``md5`` is empty: contents are
+    not read); a local folder is hashed as :func:`sync` hashes it (with its MD5 memo in ``cache_dir``).
+    """
+    src = parse_source(source)
+    if src.scheme == "file":
+        return _sync_local(src, cache_dir, workers, None, time.perf_counter()).frame
+    s3 = _connect(src, endpoint_url, workers)
+    listing = _list(s3, src)
+    selection = select(listing, src.base)
+    if not selection.images:
+        raise StorageError(_no_images_message(s3.where(src.prefix), len(listing), selection.skipped))
+    return _build_frame([_row(listed.info, listed.size, listed.etag, "") for listed in selection.images.values()])

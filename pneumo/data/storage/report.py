@@ -132,3 +132,30 @@ def _result(src: Source, root: Path, rows: list[dict[str, Any]], started: float,
     summary = IngestReport(source=src.uri, root=str(root), fingerprint=fp, images=len(rows),
                            seconds=time.perf_counter() - started, counts=counts_by(frame, "split"), **report)
     return IngestResult(frame=frame, fingerprint=fp, report=summary, root=root, source=src)
+
+
+def manifest_changes(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]:
+    """Images added, removed and changed (another ETag or size) from ``before`` to ``after``.
+
+    Keyed by split, then class name, then ``added``/``removed``/``changed``, with only non-zero
+    counts; an empty result means both list the same files.
+    """
+    def by_path(frame: pd.DataFrame) -> dict[str, tuple[str, int, str, str]]:
+        return {unicodedata.normalize("NFC", str(path)): (str(etag), int(size), str(split), CLASSES[int(label)])
+                for path, etag, size, split, label in zip(frame["path"], frame["etag"], frame["bytes"],
+                                                          frame["split"], frame["label"])}
+
+    old, new = by_path(before), by_path(after)
+    changes: Counter[tuple[str, str, str]] = Counter()
+    for path, (etag, size, split, label) in new.items():
+        if path not in old:
+            changes[split, label, "added"] += 1
+        elif old[path][:2] != (etag, size):
+            changes[split, label, "changed"] += 1
+    for path, (_, _, split, label) in old.items():
+        if path not in new:
+            changes[split, label, "removed"] += 1
+    result: dict[str, dict[str, dict[str, int]]] = {}
+    for (split, label, kind), count in sorted(changes.items()):
+        result.setdefault(split, {}).setdefault(label, {})[kind] = count
+    return result

@@ -1,0 +1,190 @@
+"""The three ways a retraining starts, on a real Prefect server with a process worker: new data in
+the S3-protocol bucket (watch-dataset's event and retrain-on-new-data's trigger), a schedule that
+comes due, and a skip when nothing changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from pneumo.data import storage
+from pneumo.data.synthetic import generate_dataset
+from tests.plugins.prefect_server import prefect_executable
+from tests.plugins.processes import stop_process
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = {"epochs": 1, "image_size": 32, "batch_size": 16, "vgg16_weights": "none"}
+pytestmark = pytest.mark.slow
+
+
+def _prefect(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([prefect_executable(), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+class Api:
+    """The Prefect server's REST API, for what the CLI does not show (runs by deployment, events)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        response = requests.request(method, f"{self.url}{path}", json=body, timeout=30)
+        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else None
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/deployments/name/{name}")
+
+    def runs(self, deployment_id: str) -> list[dict[str, Any]]:
+        return self.call("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+
+    def events(self, name: str, resource: str) -> list[dict[str, Any]]:
+        body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource]}}, "limit": 50}
+        return self.call("POST", "/events/filter", body)["events"]
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, diagnose: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(2)
+    pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server) -> dict[str, str]:
+    env = {**os.environ, **prefect_server.env, "PREFECT_CLI_PROMPT": "false"}
+    env.pop("PNEUMO_REPO_DIR", None)
+    _prefect(env, "work-pool", "create", "pneumo-process", "--type", "process",
+             "--base-job-template", str(REPO / "deployments" / "process.json"), "--overwrite")
+    _prefect(env, "--no-prompt", "deploy", "--all")
+    # deployments/README.md: one retraining at a time across the retraining deployments.
+    _prefect(env, "work-queue", "set-concurrency-limit", "retraining", "1", "--pool", "pneumo-process")
+    return env
+
+
+def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing(
+        deployed, prefect_server, s3_server, s3_env, mlflow_server, unique_name, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    api = Api(prefect_server.api_url)
+    bucket = s3_server.make_bucket("watched")
+    source = f"s3://{bucket}/kaggle"
+    experiment, model_name = unique_name("watch-exp"), unique_name("watch-model")
+    local = tmp_path / "dataset"
+    generate_dataset(local, seed=5, scale=0.015, image_kind="small")
+    storage.upload_tree(local, source, endpoint_url=s3_server.endpoint_url)
+
+    # The deployments as prefect.yaml defines them, pointed at this test's bucket, experiment and a tiny training.
+    watch, on_new_data = api.deployment("watch-dataset/watch-dataset"), api.deployment("retrain/retrain-on-new-data")
+    api.call("PATCH", f"/deployments/{watch['id']}",
+             {"parameters": {"params": {"source": source, "experiment": experiment, "settle_seconds": 1}}})
+    api.call("PATCH", f"/deployments/{on_new_data['id']}", {"parameters": {"params": {
+        "source": source, "experiment": experiment, "registered_model": model_name, "candidates": ["dense"],
+        "train": TRAIN, "gate": {"min_recall": 0.0}, "min_images_per_class": 1}}})
+    assert on_new_data["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+    worker_env = {**deployed, **s3_server.env, "PNEUMO_S3_ENDPOINT_URL": s3_server.endpoint_url,
+                  "MLFLOW_TRACKING_URI": mlflow_server.uri, "PNEUMO_HOME": str(tmp_path / "worker-home"),
+                  "PNEUMO_REPO_DIR": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    log_path = tmp_path / "worker.log"
+    log = log_path.open("wb")
+    worker = subprocess.Popen([prefect_executable(), "worker", "start", "--pool", "pneumo-process", "--limit", "2"],
+                              cwd=tmp_path, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+
+    def diagnose() -> str:
+        states = {name: [r["state_type"] for r in api.runs(d["id"])] for name, d in
+                  (("watch", watch), ("on-new-data", on_new_data))}
+        return f"runs: {states}\nworker:\n{log_path.read_text(errors='replace')[-6000:]}"
+
+    try:
+        # A schedule that comes due during the test: the server creates the run, the worker executes it.
+        [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules",
+                              [{"schedule": {"interval": 60, "timezone": "UTC"}, "active": True}])
+        _wait("scheduled watch run", lambda: [r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"],
+              180, diagnose)
+        api.call("DELETE", f"/deployments/{watch['id']}/schedules/{schedule['id']}")  # and its future runs
+        resource = f"pneumo.dataset.{source}"
+        [event] = _wait("pneumo.dataset.changed event", lambda: api.events("pneumo.dataset.changed", resource),
+                        60, diagnose)
+        assert event["payload"]["added"] > 0 and event["payload"]["removed"] == event["payload"]["changed"] == 0
+        assert event["payload"]["changes"]["train"]["PNEUMONIA"]["added"] > 0
+
+        finished = _wait("finished retrain-on-new-data run", lambda: [
+            r for r in api.runs(on_new_data["id"]) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")], 420,
+            diagnose)
+        assert [r["state_type"] for r in finished] == ["COMPLETED"], diagnose()
+
+        # Nothing changed since that retraining: a watch run by hand emits nothing, and no retraining starts.
+        run = _prefect(deployed, "deployment", "run", "watch-dataset/watch-dataset", "--watch",
+                       "--watch-timeout", "180", timeout=240)
+        assert "Completed" in run.stdout, run.stdout[-2000:]
+        time.sleep(5)  # time for a (wrong) trigger to act
+        assert len(api.events("pneumo.dataset.changed", resource)) == 1
+        assert [r["state_type"] for r in api.runs(on_new_data["id"])] == ["COMPLETED"], diagnose()
+    finally:
+        stop_process(worker)
+        log.close()
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pneumo.kind") == "retraining"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert client.get_model_version_by_alias(model_name, "champion").version == "1"
+    assert parents[0].data.tags["pneumo.code_version"] and parents[0].data.tags["pneumo.params_digest"]
+
+
+def test_unchanged_data_is_skipped_in_seconds_and_one_changed_parameter_trains(
+        prefect_api, mlflow_server, unique_name, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from pneumo.params import RetrainParams
+
+    monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
+    generate_dataset(tmp_path / "data", seed=7, scale=0.015, image_kind="small")
+    experiment, model_name = unique_name("skip-exp"), unique_name("skip-model")
+    params = RetrainParams(source=str(tmp_path / "data"), candidates=["dense"], experiment=experiment,
+                           registered_model=model_name, tracking_uri=mlflow_server.uri, train=TRAIN,
+                           gate={"min_recall": 0.0}, min_images_per_class=1)
+    client = MlflowClient(mlflow_server.uri)
+
+    def candidate_runs() -> int:
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return sum(run.data.tags.get("pneumo.kind") == "candidate" for run in runs)
+
+    assert retrain(params=params)["outcome"] == "trained"
+    assert candidate_runs() == 1 and len(client.search_model_versions(f"name = '{model_name}'")) == 1
+
+    started = time.perf_counter()
+    state = retrain(params=params, return_state=True)
+    skipped, seconds = state.result(), time.perf_counter() - started
+    assert skipped["outcome"] == "skipped" and "nothing changed since retraining" in skipped["reason"]
+    assert state.is_completed() and state.message.startswith("Skipped: nothing changed")
+    assert candidate_runs() == 1 and len(client.search_model_versions(f"name = '{model_name}'")) == 1
+    parent = client.get_run(skipped["parent_run_id"])
+    assert parent.data.tags["pneumo.outcome"] == "skipped" and parent.info.status == "FINISHED"
+    assert parent.data.tags["pneumo.skip_reason"] == skipped["reason"]
+    print(f"skipped in {seconds:.1f} s")  # the closing note quotes it; speed is not asserted
+    artifacts = Api(prefect_api.api_url).call("POST", "/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["retraining-skipped"]}, "flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
+    assert [skipped["reason"] in artifact["data"] for artifact in artifacts] == [True]
+
+    changed = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 2})})
+    assert retrain(params=changed)["outcome"] == "trained"  # one parameter differs: it trains
+    assert candidate_runs() == 2
+    forced = retrain(params=changed.model_copy(update={"force": True}))
+    assert forced["outcome"] == "trained" and candidate_runs() == 3
