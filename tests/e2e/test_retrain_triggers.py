@@ -188,3 +188,27 @@ def test_unchanged_data_is_skipped_in_seconds_and_one_changed_parameter_trains(
     assert candidate_runs() == 2
     forced = retrain(params=changed.model_copy(update={"force": True}))
     assert forced["outcome"] == "trained" and candidate_runs() == 3
+
+
+def test_a_watch_that_cannot_reach_the_source_or_the_tracking_server_fails_and_emits_nothing(
+        prefect_api, mlflow_server, s3_env, unique_name, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.watch import watch_dataset
+    from pneumo.errors import StorageError, TrackingError
+    from pneumo.params import WatchParams
+    from tests.plugins.processes import free_port
+
+    monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PNEUMO_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    experiment = unique_name("watch-down")
+    source = "s3://no-store-here/chest_xray"
+    with pytest.raises(StorageError, match="no-store-here"):
+        watch_dataset(params=WatchParams(source=source, experiment=experiment, tracking_uri=mlflow_server.uri,
+                                         settle_seconds=0))
+    generate_dataset(tmp_path / "data", seed=3, scale=0.01, image_kind="small")
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="unreachable"):
+        watch_dataset(params=WatchParams(source=str(tmp_path / "data"), experiment=experiment, tracking_uri=down,
+                                         settle_seconds=0))
+    api = Api(prefect_api.api_url)
+    for resource in (source, str(tmp_path / "data")):
+        assert api.events("pneumo.dataset.changed", f"pneumo.dataset.{resource}") == []
