@@ -349,7 +349,7 @@ def dataset_changes(params: WatchParams, settings: Settings, *, log: Log = print
         StorageError: the source cannot be listed (TransientStorageError when that may pass).
     """
     from pneumo.mlflow_client import check_tracking_server
-    from pneumo.promotion import runs
+    from pneumo.promotion import runs, tracking
 
     check_tracking_server(params.tracking_uri)
     cache = cache_dir(settings.home, params.source)
@@ -361,21 +361,22 @@ def dataset_changes(params: WatchParams, settings: Settings, *, log: Log = print
         moving = storage.manifest_changes(listing, storage.list_images(
             params.source, cache, endpoint_url=settings.s3_endpoint_url))
         if moving:
-            return {**result, "status": "settling", "changes": moving,
-                    "summary": f"the source changed between two listings {params.settle_seconds:g} s apart "
-                               "(an upload is still going); the next watch looks again"}
-    previous = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
-                                         trained=True, max_results=20)
-    before = runs.ingest_manifest(previous[0].info.run_id, tracking_uri=params.tracking_uri) if previous else None
-    if previous:
-        result.update(previous_run_id=previous[0].info.run_id,
-                      previous_fingerprint=previous[0].data.tags.get("pneumo.dataset.fingerprint", ""))
+            summary = (f"the source changed between two listings {params.settle_seconds:g} s apart (an upload "
+                       "is still going); the next watch looks again")
+            log(f"dataset watch {redact(params.source)}: {summary}")
+            return {**result, "status": "settling", "changes": moving, "summary": summary}
+    trained = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
+                                        trained=True, max_results=20)
+    last = trained[0] if trained else None
+    before = runs.ingest_manifest(last.info.run_id, tracking_uri=params.tracking_uri) if last else None
+    if last is not None:
+        result.update(previous_run_id=last.info.run_id,
+                      previous_fingerprint=last.data.tags.get(tracking.TAG_FINGERPRINT, ""))
     changes = storage.manifest_changes(before if before is not None else listing.iloc[:0], listing)
     totals = {kind: sum(counts.get(kind, 0) for classes in changes.values() for counts in classes.values())
               for kind in ("added", "removed", "changed")}
-    since = (f"retraining {previous[0].info.run_id}" if before is not None else
-             f"retraining {previous[0].info.run_id}, which logged no ingest manifest" if previous else
-             "no finished retraining")
+    since = ("no finished retraining" if last is None else f"retraining {last.info.run_id}"
+             + ("" if before is not None else ", which logged no ingest manifest"))
     summary = (f"{totals['added']} added, {totals['removed']} removed, {totals['changed']} changed since {since}"
                if changes else f"unchanged since {since} ({len(listing)} images)")
     log(f"dataset watch {redact(params.source)}: {summary}")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pneumo.errors import PneumoError, StorageError, TransientStorageError
 from pneumo.data.storage import (
+    list_images,
+    manifest_changes,
     FOLDER_MARKER,
     MANIFEST_COLUMNS,
     UNICODE_DUPLICATE,
@@ -23,6 +24,7 @@ from pneumo.data.storage import (
     unsafe_reason,
 )
 from pneumo.data.storage.keys import select
+from pneumo.errors import PneumoError, StorageError, TransientStorageError
 
 
 def _nfc(text: str) -> str:
@@ -280,3 +282,22 @@ def test_readers_share_the_cache_lock(tmp_path: Path) -> None:
     (tmp_path / "mine" / "thesis.docx").write_bytes(b"precious")
     with pytest.raises(StorageError, match="not a pneumo cache"), reading(tmp_path / "mine"):
         pass
+
+
+def test_manifest_changes_counts_added_removed_and_changed_per_split_and_class(tmp_path: Path) -> None:
+    from pneumo.data.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "data", seed=2, scale=0.01, image_kind="small")
+    before = list_images(tmp_path / "data", tmp_path / "cache")
+    assert manifest_changes(before, before) == {}
+    folder = tmp_path / "data" / "chest_xray"
+    normal = sorted((folder / "train" / "NORMAL").glob("*.jpeg"))
+    pneumonia = sorted((folder / "test" / "PNEUMONIA").glob("*.jpeg"))
+    (folder / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(normal[0].read_bytes())  # added
+    normal[1].unlink()  # removed
+    pneumonia[0].write_bytes(normal[0].read_bytes())  # changed content
+    after = list_images(tmp_path / "data", tmp_path / "cache")
+    assert manifest_changes(before, after) == {"test": {"PNEUMONIA": {"changed": 1}},
+                                               "train": {"NORMAL": {"added": 1, "removed": 1}}}
+    assert manifest_changes(after.iloc[:0], after)["train"]["NORMAL"] == {"added": int(
+        ((after["split"] == "train") & (after["label"] == 0)).sum())}

@@ -7,39 +7,21 @@ all on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from pneumo.data.synthetic import generate_dataset
+from tests.plugins.prefect_server import prefect_cli, prefect_executable
 from tests.plugins.processes import stop_process
-from tests.plugins.prefect_server import prefect_executable
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _prefect(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([prefect_executable(), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def deployed(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {**os.environ, **prefect_server.env, "PREFECT_CLI_PROMPT": "false"}
-    env.pop("PNEUMO_REPO_DIR", None)  # resolved on the worker at run time, not stored at deploy time
-    _prefect(env, "work-pool", "create", "pneumo-process", "--type", "process",
-             "--base-job-template", str(REPO / "deployments" / "process.json"), "--overwrite")
-    _prefect(env, "--no-prompt", "deploy", "--all")
-    return env
-
-
 def test_weekly_deployment_carries_its_cron_schedule(deployed: dict[str, str]) -> None:
-    out = _prefect(deployed, "deployment", "inspect", "retrain/retrain-weekly").stdout
+    out = prefect_cli(deployed, "deployment", "inspect", "retrain/retrain-weekly").stdout
     assert "0 3 * * 1" in out and "UTC" in out
     assert "pneumo-process" in out
 
@@ -97,7 +79,7 @@ def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env
     assert champion.run_id in {r.info.run_id for r in children}
 
     # The leaderboard artifact is on the Prefect server, with every candidate in it.
-    artifact = _prefect(deployed, "artifact", "inspect", "leaderboard").stdout
+    artifact = prefect_cli(deployed, "artifact", "inspect", "leaderboard").stdout
     assert "table" in artifact
     for name in ("dense", "cnn_deep", "vgg16", "selected"):
         assert name in artifact

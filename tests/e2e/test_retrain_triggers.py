@@ -5,7 +5,6 @@ comes due, and a skip when nothing changed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,19 +16,12 @@ import requests
 
 from pneumo.data import storage
 from pneumo.data.synthetic import generate_dataset
-from tests.plugins.prefect_server import prefect_executable
+from tests.plugins.prefect_server import prefect_cli, prefect_executable
 from tests.plugins.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = {"epochs": 1, "image_size": 32, "batch_size": 16, "vgg16_weights": "none"}
 pytestmark = pytest.mark.slow
-
-
-def _prefect(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([prefect_executable(), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 class Api:
@@ -61,18 +53,6 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, diagnose: Callabl
             return found
         time.sleep(2)
     pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
-
-
-@pytest.fixture(scope="module")
-def deployed(prefect_server) -> dict[str, str]:
-    env = {**os.environ, **prefect_server.env, "PREFECT_CLI_PROMPT": "false"}
-    env.pop("PNEUMO_REPO_DIR", None)
-    _prefect(env, "work-pool", "create", "pneumo-process", "--type", "process",
-             "--base-job-template", str(REPO / "deployments" / "process.json"), "--overwrite")
-    _prefect(env, "--no-prompt", "deploy", "--all")
-    # deployments/README.md: one retraining at a time across the retraining deployments.
-    _prefect(env, "work-queue", "set-concurrency-limit", "retraining", "1", "--pool", "pneumo-process")
-    return env
 
 
 def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing(
@@ -129,7 +109,7 @@ def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing
         assert [r["state_type"] for r in finished] == ["COMPLETED"], diagnose()
 
         # Nothing changed since that retraining: a watch run by hand emits nothing, and no retraining starts.
-        run = _prefect(deployed, "deployment", "run", "watch-dataset/watch-dataset", "--watch",
+        run = prefect_cli(deployed, "deployment", "run", "watch-dataset/watch-dataset", "--watch",
                        "--watch-timeout", "180", timeout=240)
         assert "Completed" in run.stdout, run.stdout[-2000:]
         time.sleep(5)  # time for a (wrong) trigger to act
@@ -212,3 +192,29 @@ def test_a_watch_that_cannot_reach_the_source_or_the_tracking_server_fails_and_e
     api = Api(prefect_api.api_url)
     for resource in (source, str(tmp_path / "data")):
         assert api.events("pneumo.dataset.changed", f"pneumo.dataset.{resource}") == []
+
+
+def test_a_source_still_being_uploaded_is_left_for_the_next_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pneumo import pipeline
+    from pneumo.config import Settings
+    from pneumo.params import WatchParams
+
+    generate_dataset(tmp_path / "data", seed=4, scale=0.01, image_kind="small")
+    folder = tmp_path / "data" / "chest_xray" / "train" / "NORMAL"
+    params = WatchParams(source=str(tmp_path / "data"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                         experiment="watched", settle_seconds=30)
+    settings = Settings(home=tmp_path / "home")
+
+    def upload_during_the_wait(seconds: float) -> None:  # the watch's wait between its two listings
+        assert seconds == 30
+        (folder / "IM-9999-0001.jpeg").write_bytes(next(folder.glob("*.jpeg")).read_bytes())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.time, "sleep", upload_during_the_wait)
+        settling = pipeline.dataset_changes(params, settings, log=lambda _: None)
+    assert settling["status"] == "settling" and settling["changes"] == {"train": {"NORMAL": {"added": 1}}}
+    assert "upload is still going" in settling["summary"]
+
+    settled = pipeline.dataset_changes(params.model_copy(update={"settle_seconds": 0}), settings, log=lambda _: None)
+    assert settled["status"] == "changed" and "previous_run_id" not in settled  # no retraining yet: all is new
+    assert settled["added"] == settled["images"] and settled["removed"] == settled["changed"] == 0

@@ -4,6 +4,8 @@ Fixtures:
     prefect_server (session): a running server; ``.api_url`` and ``.env`` (what a CLI call,
         worker or flow needs to talk to it).
     prefect_api (function): sets PREFECT_API_URL (and friends) for in-process flow runs.
+    deployed (session): prefect.yaml deployed on that server (pool pneumo-process, the
+        `retraining` queue limited to 1 as deployments/README.md says); the CLI's environment.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 
 from tests.plugins.processes import free_port, stop_process, wait_http
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def prefect_executable() -> str:
@@ -85,3 +89,23 @@ def prefect_api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) 
     # Prefect resolves its settings once per process; the environment alone comes too late.
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         yield prefect_server
+
+
+def prefect_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``prefect ARGS`` in the repository; fails the test with its output when it fails."""
+    result = subprocess.run([prefect_executable(), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server: PrefectServer) -> dict[str, str]:
+    """prefect.yaml deployed as deployments/README.md says; returns the environment for CLI calls."""
+    env = {**os.environ, **prefect_server.env, "PREFECT_CLI_PROMPT": "false"}
+    env.pop("PNEUMO_REPO_DIR", None)  # resolved on the worker at run time, not stored at deploy time
+    prefect_cli(env, "work-pool", "create", "pneumo-process", "--type", "process",
+                "--base-job-template", str(REPO / "deployments" / "process.json"), "--overwrite")
+    prefect_cli(env, "--no-prompt", "deploy", "--all")
+    prefect_cli(env, "work-queue", "set-concurrency-limit", "retraining", "1", "--pool", "pneumo-process")
+    return env
