@@ -4,6 +4,7 @@ redaction that keeps credentials out of everything shown or stored."""
 import os
 import re
 
+
 class PneumoError(Exception):
     """Base class: an expected failure whose message tells the user what to fix.
 

@@ -86,15 +86,6 @@ def log_loss(y_true: Sequence[int], y_prob: Sequence[float]) -> float:
     return _nll(_logit(probs), labels.astype(np.float64))
 
 
-def calibration_metrics(y_true: Sequence[int], y_prob: Sequence[float], bins: int = ECE_BINS) -> dict[str, float]:
-    """``{"ece", "brier", "nll"}`` for one set of probabilities (log these before and after)."""
-    return {
-        "ece": expected_calibration_error(y_true, y_prob, bins),
-        "brier": brier_score(y_true, y_prob),
-        "nll": log_loss(y_true, y_prob),
-    }
-
-
 @dataclass(frozen=True)
 class Calibrator:
     """A monotone map of probabilities: ``sigmoid(logit(p) / temperature + bias)``.

@@ -13,16 +13,16 @@ from typing import Any
 
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from pneumo.promotion.gate import (
-    ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
-    version_tags,
-)
 from pneumo.evaluation.holdout import TestSet
 from pneumo.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
+from pneumo.promotion.gate import (
+    ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
+    version_tags
+)
 from pneumo.promotion.lock import promotion_lock
 from pneumo.promotion.runs import ranked_candidates
 from pneumo.promotion.tracking import (
-    SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text,
+    SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text
 )
 
 log = logging.getLogger(__name__)

@@ -11,14 +11,7 @@ from pneumo.errors import PromotionError, TrackingError
 from pneumo.mlflow_client import mlflow_client, one_line
 from pneumo.promotion.gate import selection_rank
 from pneumo.promotion.tracking import (
-    INGEST_MANIFEST,
-    PARENT_RUN_TAG,
-    SCORE_METRIC,
-    TAG_FINGERPRINT,
-    TAG_KIND,
-    TAG_OUTCOME,
-    TAG_SERVING_MODEL,
-    TAG_SOURCE,
+    INGEST_MANIFEST, PARENT_RUN_TAG, SCORE_METRIC, TAG_FINGERPRINT, TAG_KIND, TAG_OUTCOME, TAG_SERVING_MODEL, TAG_SOURCE
 )
 
 if TYPE_CHECKING:

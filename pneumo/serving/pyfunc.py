@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo.data.decode import (
     JPEG_MAGIC, PNG_MAGIC, batch_decoder, decode_image, decoded_pixels, env_limit, header_size, max_image_pixels,
-    pixel_cap_reason,
+    pixel_cap_reason
 )
 from pneumo.data.layout import CLASSES
 from pneumo.errors import ServingError

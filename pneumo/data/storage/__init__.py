@@ -10,13 +10,7 @@ from pneumo.data.storage.cache import META_DIR, STATE_VERSION, cache_dir, readin
 from pneumo.data.storage.ingest import list_images, materialize, materialized, sync
 from pneumo.data.storage.keys import FOLDER_MARKER, UNICODE_DUPLICATE
 from pneumo.data.storage.report import (
-    MANIFEST_COLUMNS,
-    IngestReport,
-    IngestResult,
-    UploadReport,
-    counts_by,
-    fingerprint,
-    manifest_changes,
+    MANIFEST_COLUMNS, IngestReport, IngestResult, UploadReport, counts_by, fingerprint, manifest_changes
 )
 from pneumo.data.storage.sources import Source, parse_source, unsafe_reason
 from pneumo.data.storage.transfer import DEFAULT_WORKERS, ProgressFn, upload_tree

@@ -18,14 +18,7 @@ from pneumo.data.storage.keys import images_among, nfc, select
 from pneumo.data.storage.report import IngestResult, _build_frame, _pinned_md5, _result, _row
 from pneumo.data.storage.s3 import _S3, _check_reachable, _connect
 from pneumo.data.storage.sources import Source, parse_source, unsafe_reason
-from pneumo.data.storage.transfer import (
-    DEFAULT_WORKERS,
-    ProgressFn,
-    _download,
-    _Fetched,
-    _list,
-    _run_parallel,
-)
+from pneumo.data.storage.transfer import DEFAULT_WORKERS, ProgressFn, _download, _Fetched, _list, _run_parallel
 from pneumo.errors import StorageError, TransientStorageError
 
 if TYPE_CHECKING:  # pandas is imported where frames are built: keeps `pneumo --help` fast.

@@ -179,11 +179,7 @@ def _describe(exc: BaseException, s3: _S3, key: str | None, action: str) -> Stor
     connections) and only the retries ran out, else a :class:`StorageError`.
     """
     from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
+        ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
     )
 
     if isinstance(exc, StorageError):
@@ -226,11 +222,7 @@ class _Corrupt(Exception):
 
 def _stream_to(body: Any, temporary: Path) -> tuple[int, str]:
     """Write a streamed body to ``temporary``; returns (bytes received, content MD5)."""
-    from botocore.exceptions import (
-        FlexibleChecksumError,
-        HTTPClientError,
-        IncompleteReadError,
-    )
+    from botocore.exceptions import FlexibleChecksumError, HTTPClientError, IncompleteReadError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     digest = hashlib.md5(usedforsecurity=False)

@@ -15,20 +15,12 @@ from typing import Any, TypeVar
 
 from pneumo.data.storage.cache import META_DIR, _Cache, _Entry, _md5_file
 from pneumo.data.storage.report import UploadReport
-from pneumo.errors import StorageError, redact
 from pneumo.data.storage.s3 import (
-    _BODY_ATTEMPTS,
-    _S3,
-    _check_reachable,
-    _checked_checksum,
-    _connect,
-    _Corrupt,
-    _describe,
-    _error_code,
-    _etag_md5,
-    _stream_to,
+    _BODY_ATTEMPTS, _S3, _check_reachable, _checked_checksum, _connect, _Corrupt, _describe, _error_code, _etag_md5,
+    _stream_to
 )
 from pneumo.data.storage.sources import Source, parse_source
+from pneumo.errors import StorageError, redact
 
 DEFAULT_WORKERS = 16
 _BACKOFF_BASE = 0.05
