@@ -104,7 +104,7 @@ def _task_runner() -> Any:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=address)
-    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("PNEUMO_PARALLEL_CANDIDATES", "4")))
+    return ThreadPoolTaskRunner(max_workers=Settings().parallel_candidates)
 
 
 def _submit_candidates(params: RetrainParams, manifest: list[Record], parent_run_id: str, report: Record) -> list[Any]:

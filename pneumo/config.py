@@ -30,7 +30,7 @@ class TrainConfig(Strict):
     image_size: int = Field(120, ge=32, le=512, description="Square input side in pixels.")
     batch_size: int = Field(32, ge=1, le=1024)
     epochs: int = Field(20, ge=1, le=500)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # NumPy and TensorFlow take 32-bit seeds
     learning_rate: float | None = Field(None, gt=0, lt=1, description="Override every model's seed learning rate.")
     class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
     early_stopping: bool = Field(False, description="Stop when validation loss stops improving.")
@@ -77,5 +77,7 @@ class Settings(BaseSettings):
     registered_model: str = Field(DEFAULT_REGISTERED_MODEL, pattern=REGISTERED_MODEL_PATTERN)
     s3_endpoint_url: str | None = Field(
         None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works.")
+    parallel_candidates: int = Field(4, ge=1, le=64, description="Candidates trained at once on the local "
+                                                                "thread runner (a Dask cluster runs one per worker).")
     tf_threads: int | None = Field(
         None, ge=1, description="TensorFlow intra-op threads per worker process (several workers per machine).")

@@ -395,6 +395,7 @@ def promote_best(
 
     # Held while scoring: the test files are read a chunk at a time, so no sync may change them meanwhile.
     with materialized(test_manifest, params.source, settings) as root:
-        return registry.promote(parent_run_id, read_test_set(root, test_manifest), gate=params.gate,
+        test = read_test_set(root, test_manifest, min_per_class=params.min_images_per_class)
+        return registry.promote(parent_run_id, test, gate=params.gate,
                                 run_ids=run_ids, tracking_uri=params.tracking_uri,
                                 model_name=params.registered_model, dry_run=dry_run)

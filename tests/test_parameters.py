@@ -49,3 +49,19 @@ def test_every_subcommand_prints_its_help(command: str, capsys) -> None:
         main([command, "--help"])
     assert done.value.code == 0
     assert f"usage: pneumo {command}" in capsys.readouterr().out
+
+
+def test_a_seed_numpy_cannot_take_is_refused() -> None:
+    # #25: train.seed=4294967296 passed validation, then every candidate failed.
+    with pytest.raises(ValidationError, match="train.seed"):
+        RetrainParams(train={"seed": 2**32})
+    assert RetrainParams(train={"seed": 2**32 - 1}).train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1"])
+def test_a_bad_parallel_candidates_setting_is_refused_by_name(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pneumo.config import Settings
+
+    monkeypatch.setenv("PNEUMO_PARALLEL_CANDIDATES", value)
+    with pytest.raises(ValidationError, match="parallel_candidates"):
+        Settings()

@@ -19,6 +19,7 @@ MAX_IMAGE_PIXELS_ENV = "PNEUMO_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAX_CHUNKS_BEFORE_IHDR = 64  # text and other ancillary chunks a hostile file may put first
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4/C8/CC are not frames.
 _JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _DCT_RATIOS = (2, 4, 8)  # JPEG scale-downs libjpeg decodes directly (ascending)
@@ -73,6 +74,21 @@ def _jpeg_size(stream: BinaryIO) -> tuple[int, int] | None:
         stream.seek(length - 2, io.SEEK_CUR)
 
 
+def _png_size(stream: BinaryIO) -> tuple[int, int] | None:
+    """Width and height from the IHDR chunk, wherever it is: the format puts it first, but Pillow also
+    decodes a PNG whose text chunks come before it, so skipping the cap there would let a bomb through."""
+    stream.seek(len(PNG_MAGIC))
+    for _ in range(_PNG_MAX_CHUNKS_BEFORE_IHDR):
+        head = stream.read(8)
+        if len(head) < 8 or head[4:8] == b"IDAT":  # truncated, or pixels before any header
+            return None
+        if head[4:8] == b"IHDR":
+            size = stream.read(8)
+            return (int.from_bytes(size[:4], "big"), int.from_bytes(size[4:], "big")) if len(size) == 8 else None
+        stream.seek(int.from_bytes(head[:4], "big") + 4, io.SEEK_CUR)  # the chunk's data and CRC
+    return None
+
+
 def header_size(data: bytes | BinaryIO) -> tuple[int, int] | None:
     """``(width, height)`` a PNG or JPEG (bytes or a seekable stream) claims in its header; None if unreadable.
 
@@ -80,11 +96,9 @@ def header_size(data: bytes | BinaryIO) -> tuple[int, int] | None:
     allocates memory for it.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    header = stream.read(24)
-    if header.startswith(PNG_MAGIC):  # the IHDR chunk, which the PNG format requires to come first
-        if len(header) < 24 or header[12:16] != b"IHDR":
-            return None
-        return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    header = stream.read(len(PNG_MAGIC))
+    if header.startswith(PNG_MAGIC):
+        return _png_size(stream)
     return _jpeg_size(stream) if header.startswith(JPEG_MAGIC) else None
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from pneumo.data.decode import decode_image, header_size, max_image_pixels, pixel_cap_reason
+from pneumo.data.decode import (
+    JPEG_MAGIC, PNG_MAGIC, decode_image, header_size, max_image_pixels, pixel_cap_reason
+)
 from pneumo.data.layout import CLASSES
 from pneumo.data.storage.report import MANIFEST_COLUMNS
 from pneumo.errors import DataError
@@ -57,6 +59,10 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> tuple[int, int] 
             return "bad-image: empty file"
         with path.open("rb") as stream:
             claimed = header_size(stream)
+            stream.seek(0)
+            magic = stream.read(len(PNG_MAGIC))
+        if claimed is None and magic.startswith((PNG_MAGIC, JPEG_MAGIC)):  # no size, so no cap: never decode it
+            return "bad-image: no readable size in its header"
         if claimed is not None and (reason := pixel_cap_reason(*claimed, cap)):
             return f"bad-image: {reason}"
         with Image.open(path) as image:

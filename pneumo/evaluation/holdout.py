@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pneumo.data.layout import CLASSES
 from pneumo.errors import DataError
 
 
@@ -32,11 +33,19 @@ class TestSet:
                    for item in self.images[start:start + size]]
 
 
-def read_test_set(root: Path, frame: pd.DataFrame) -> TestSet:
-    """The test rows of a manifest (``subset`` column, else ``split``) as files under ``root``; DataError if none."""
+def read_test_set(root: Path, frame: pd.DataFrame, min_per_class: int = 2) -> TestSet:
+    """The test rows of a manifest (``subset`` column, else ``split``) as files under ``root``.
+
+    Raises:
+        DataError: a class has fewer than ``min_per_class`` test images (the flow's own rule), so
+            recall or specificity could not be evaluated.
+    """
     column = "subset" if "subset" in frame.columns else "split"
     rows = frame[frame[column] == "test"]
-    if rows.empty:
-        raise DataError("no test images in the manifest: cannot evaluate before promoting")
+    short = [f"{int((rows['label'] == label).sum())} {name}" for label, name in enumerate(CLASSES)
+             if (rows["label"] == label).sum() < min_per_class]
+    if short:
+        raise DataError(f"the test split has {' and '.join(short)} images (need ≥{min_per_class} per class): "
+                        "cannot evaluate before promoting")
     return TestSet([Path(root) / path for path in rows["path"]], [int(v) for v in rows["label"]],
                    [str(v) for v in rows["patient_id"]])

@@ -61,12 +61,16 @@ def floor_reasons(gate: Gate, candidate: Evaluation) -> list[str]:
     found = []
     for metric, floor in (("recall", gate.min_recall), ("specificity", gate.min_specificity)):
         value = candidate.metrics[metric]
-        if gate.floors_on == "lower-bound" and metric in candidate.intervals:
-            low = candidate.intervals[metric].low
-            if math.isfinite(low) and low + _EPSILON < floor:
-                found.append(f"test {metric} {value:.4f} has its 95 % interval's lower bound {low:.4f} below the "
-                             f"floor {floor:.4f}")
-        elif value + _EPSILON < floor:
+        bounded = gate.floors_on == "lower-bound" and metric in candidate.intervals
+        checked = candidate.intervals[metric].low if bounded else value
+        if floor > 0 and not math.isfinite(checked):  # a floor that cannot be evaluated is not passed
+            what = "95 % interval" if bounded else "value"
+            found.append(f"test {metric} {value:.4f} cannot be checked against the floor {floor:.4f}: its {what} "
+                         "is undefined (does the test split hold both classes?)")
+        elif bounded and checked + _EPSILON < floor:
+            found.append(f"test {metric} {value:.4f} has its 95 % interval's lower bound {checked:.4f} below the "
+                         f"floor {floor:.4f}")
+        elif not bounded and value + _EPSILON < floor:
             found.append(f"test {metric} {value:.4f} is below the floor {floor:.4f}")
     return found
 

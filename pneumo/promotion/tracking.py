@@ -167,6 +167,7 @@ def start_retraining(
 
     check_tracking_server(tracking_uri)
     code = code_version()
+    run_id = None
     try:
         client = mlflow_client(tracking_uri)
         run = client.create_run(
@@ -188,10 +189,13 @@ def start_retraining(
             config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config), indent=2, default=str)))
         if data_report is not None:
             log_json(client, run_id, "data_report.json", data_report)
-    except TrackingError:
-        raise
     except Exception as error:  # noqa: BLE001 - report any store failure with the URI
-        raise TrackingError(f"cannot start the retraining run on {redact(tracking_uri)}: {one_line(error)}") from None
+        message = str(error) if isinstance(error, TrackingError) else (
+            f"cannot start the retraining run on {redact(tracking_uri)}: {one_line(error)}")
+        if run_id is not None:  # created, then a write failed: never leave it RUNNING
+            with contextlib.suppress(Exception):
+                _close(client, run_id, "FAILED", message)
+        raise TrackingError(message) from None
     return run_id
 
 

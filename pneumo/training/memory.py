@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pneumo.config import TrainConfig
+from pneumo.config import Settings, TrainConfig
 from pneumo.errors import ConfigError
 
 GIB = 1024**3
@@ -117,7 +117,7 @@ def parallel_candidates(candidates: int) -> int:
     """Candidates one worker process trains at once: one per Dask worker, else the thread runner's width."""
     if os.environ.get("PNEUMO_DASK_ADDRESS"):
         return 1
-    return max(1, min(candidates, int(os.environ.get("PNEUMO_PARALLEL_CANDIDATES", "4"))))
+    return max(1, min(candidates, Settings().parallel_candidates))
 
 
 def estimate_memory(candidates: list[str], config: TrainConfig, images: int, *, limit: int | None = None,

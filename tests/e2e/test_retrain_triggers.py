@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,11 @@ def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing
     try:
         # A schedule that comes due during the test: the server creates the run, the worker executes it.
         [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules",
-                              [{"schedule": {"interval": 60, "timezone": "UTC"}, "active": True}])
-        _wait("scheduled watch run", lambda: [r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"],
-              180, diagnose)
+                              [{"schedule": {"cron": "* * * * *", "timezone": "UTC"}, "active": True}])
+        [scheduled] = _wait("scheduled watch run", lambda: [
+            r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"], 180, diagnose)
+        due = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
+        assert scheduled["auto_scheduled"] and (due.second, due.microsecond) == (0, 0)  # on the cron's minute
         api.call("DELETE", f"/deployments/{watch['id']}/schedules/{schedule['id']}")  # and its future runs
         resource = f"pneumo.dataset.{source}"
         [event] = _wait("pneumo.dataset.changed event", lambda: api.events("pneumo.dataset.changed", resource),
@@ -194,7 +197,8 @@ def test_a_watch_that_cannot_reach_the_source_or_the_tracking_server_fails_and_e
         assert api.events("pneumo.dataset.changed", f"pneumo.dataset.{resource}") == []
 
 
-def test_a_source_still_being_uploaded_is_left_for_the_next_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_source_still_being_uploaded_is_left_for_the_next_watch(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from pneumo import pipeline
     from pneumo.config import Settings
     from pneumo.params import WatchParams

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pneumo.config import Gate
-from pneumo.errors import PromotionError
+from pneumo.errors import DataError, PromotionError
 from pneumo.evaluation.holdout import TestSet, read_test_set
 from pneumo.evaluation.stats import Interval
 from pneumo.promotion import lock, registry, tracking
@@ -247,6 +248,26 @@ def test_floors_apply_to_the_lower_bound_unless_told_otherwise():
         "test specificity 0.5000 is below the floor 0.6000",
     ]
     assert floor_reasons(Gate(min_recall=0.95), evaluation(0.99, 0.95)) == []  # inclusive
+
+
+def test_a_floor_that_cannot_be_evaluated_fails():
+    # #25: a test split without NORMAL images gives specificity 0.0 with a [nan, nan] interval.
+    undefined = Evaluation("models:/x", 0.5, {"recall": 1.0, "specificity": 0.0}, 0.67, intervals={
+        "recall": Interval(1.0, 0.9, 1.0, "wilson"), "specificity": Interval(0.0, math.nan, math.nan, "wilson")})
+    [reason] = floor_reasons(Gate(min_recall=0.5, min_specificity=0.9), undefined)
+    assert reason.startswith("test specificity 0.0000 cannot be checked against the floor 0.9000: its 95 % interval")
+    assert floor_reasons(Gate(min_recall=0.5, min_specificity=0.0), undefined) == []  # no floor set, nothing to fail
+    pointless = Evaluation("models:/x", 0.5, {"recall": 1.0, "specificity": math.nan}, 0.67)
+    assert "its value is undefined" in floor_reasons(Gate(min_specificity=0.1, floors_on="point"), pointless)[0]
+
+
+def test_a_test_split_without_one_class_is_refused_before_scoring(tmp_path):
+    import pandas as pd
+
+    rows = [{"path": f"chest_xray/test/PNEUMONIA/p{i}.jpeg", "split": "test", "label": 1, "patient_id": f"p{i}"}
+            for i in range(3)]
+    with pytest.raises(DataError, match="the test split has 0 NORMAL images"):
+        read_test_set(tmp_path, pd.DataFrame(rows))
 
 
 def test_concurrent_promotions_never_decide_on_a_stale_champion(mlflow_uri, unique_name, model, test_set):

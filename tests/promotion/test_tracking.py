@@ -211,3 +211,19 @@ def test_a_listening_socket_that_never_answers_times_out():
 def test_config_flattening_is_json_friendly():
     flat = tracking.flatten({"train": TrainConfig(epochs=3), "models": ["cnn", "dense"], "scale": 0.1})
     assert flat["train.epochs"] == "3" and flat["models"] == '["cnn", "dense"]' and flat["scale"] == "0.1"
+
+
+def test_a_retraining_run_whose_artifacts_cannot_be_written_is_closed_failed(tmp_path):
+    # #25: the parent run was created, then the artifact write failed, and it stayed RUNNING.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # artifacts under it cannot be written, even as root
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("unwritable", artifact_location=(blocker / "artifacts").as_uri())
+    with pytest.raises(TrackingError, match="cannot start the retraining run"):
+        tracking.start_retraining(uri, "unwritable", "data", "f" * 64, {"epochs": 1})
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.TAG_ERROR].startswith("cannot start the retraining run")

@@ -86,6 +86,21 @@ def test_header_size_reads_png_and_jpeg_without_decoding() -> None:
         assert header_size(junk) is None
 
 
+def test_a_png_with_text_before_its_header_is_still_capped(tmp_path: Path) -> None:
+    # #25: a tEXt chunk before IHDR made the header reader return nothing, so the cap was skipped.
+    from pneumo.data.decode import header_size
+
+    plain = png_claiming(12_000, 12_000)
+    texted = plain[:8] + _chunk(b"tEXt", b"Comment\x00" + b"x" * 500) + plain[8:]
+    assert header_size(texted) == (12_000, 12_000)
+    path = tmp_path / "texted.png"
+    path.write_bytes(texted)
+    assert inspect_image(path).startswith("bad-image: 144000000 pixels exceeds the cap of 50000000")
+    pixels_first = plain[:8] + _chunk(b"IDAT", b"\x00" * 16) + plain[8:]  # no header before the pixels
+    path.write_bytes(pixels_first)
+    assert header_size(pixels_first) is None and inspect_image(path) == "bad-image: no readable size in its header"
+
+
 # ----------------------------------------------------------------------------- training data
 def test_validate_reports_bombs_as_bad_images_and_goes_on(small_dataset: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
