@@ -31,6 +31,8 @@ while IFS= read -r line || [ -n "$line" ]; do
             if [ "$secret_next" = yes ]; then
                 case "$line" in
                     PREFECT_AUTH_STRING=) line="PREFECT_AUTH_STRING=admin:$(random_hex)" ;;
+                    # A Fernet key: 32 random bytes, URL-safe base64.
+                    MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=) line="${line}$(head -c 32 /dev/urandom | base64 | tr '+/' '-_')" ;;
                     *=) line="${line}$(random_hex)" ;;
                 esac
             fi

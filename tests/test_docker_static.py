@@ -36,6 +36,8 @@ WORKER_SERVICES = ("worker", "worker-cpu", "dask-gpu-worker-0", "dask-gpu-worker
 GPU_SERVICES = ("worker", "dask-gpu-worker-0", "dask-gpu-worker-1")
 ONE_SHOT_SERVICES = ("minio-init",)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH_STRING|TOKEN|PRIVATE", re.IGNORECASE)
+# Settings whose names match SECRET_NAME but hold no secret (a host list, a yes/no switch).
+NOT_SECRETS = {"MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"}
 
 # Compose interpolation: $$ escapes, ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?err}, $NAME.
 _REFERENCE = re.compile(
@@ -382,7 +384,7 @@ def secret_problems(compose_text: str, env_example: dict[str, str]) -> list[str]
             item.partition("=")[::2] for item in environment
         )
         for key, value in items:
-            if not SECRET_NAME.search(key) or key == "MLFLOW_SERVER_ALLOWED_HOSTS":
+            if not SECRET_NAME.search(key) or key in NOT_SECRETS:
                 continue
             value = str(value)
             # A secret must come from .env, with no default that would become a committed secret.
