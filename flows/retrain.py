@@ -32,14 +32,17 @@ Record = dict[str, Any]
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (a store answering 5xx, dropped connections); other PneumoErrors mean
-    "fix the input", so retrying them would only repeat the failure."""
+    """Retry transient failures only: a PneumoError marked transient (a store answering 5xx, a tracking
+    outage while logging) or an OSError (a dropped connection, a timeout). Anything else means "fix
+    the input" or a bug, and retrying would only repeat it, minutes later."""
     try:
         state.result()
     except PneumoError as error:
         return bool(getattr(error, "transient", False))
-    except Exception:  # noqa: BLE001 - anything else is presumed transient
+    except OSError:
         return True
+    except Exception:  # noqa: BLE001 - a programming error or a bad input: not worth retrying
+        return False
     return False
 
 

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PNEUMO_", extra="ignore")
 
     home: Path = Field(Path(".pneumo"), description="Local working folder (cache, outputs).")
+    # "~/x" from a quoted shell value: the user's home, never a literal "./~" folder.
+    _expand_home = field_validator("home")(lambda value: Path(value).expanduser())
     tracking_uri: str = Field("sqlite:///.pneumo/mlflow.db", description="MLflow tracking URI.",
                               validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"))
     experiment: str = "pneumonia-retraining"

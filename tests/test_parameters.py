@@ -65,3 +65,28 @@ def test_a_bad_parallel_candidates_setting_is_refused_by_name(value: str, monkey
     monkeypatch.setenv("PNEUMO_PARALLEL_CANDIDATES", value)
     with pytest.raises(ValidationError, match="parallel_candidates"):
         Settings()
+
+
+def test_a_home_setting_with_a_tilde_is_the_users_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from pneumo.config import Settings
+
+    monkeypatch.setenv("PNEUMO_HOME", "~/pneumo-work")  # as a quoted shell value arrives: unexpanded
+    assert Settings().home == Path.home() / "pneumo-work"
+
+
+def test_only_transient_failures_are_retried() -> None:
+    # #25: every error that was not a PneumoError was retried, a bug costing ~95 s of retries.
+    from prefect.states import Failed
+
+    from flows.retrain import _retry_transient
+    from pneumo.errors import CandidateLoggingError, StorageError, TransientStorageError
+
+    def retried(error: BaseException) -> bool:
+        return _retry_transient(None, None, Failed(data=error))
+
+    assert retried(TransientStorageError("503")) and retried(CandidateLoggingError("down"))
+    assert retried(ConnectionResetError("reset by peer")) and retried(TimeoutError("read timed out"))
+    assert not retried(StorageError("no such bucket")) and not retried(KeyError("a bug"))
+    assert not retried(TypeError("a bug"))
