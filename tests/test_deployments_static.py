@@ -349,8 +349,9 @@ def test_pool_names_agree_across_files(prefect_doc: dict[str, Any], gpu_doc: dic
         assert option(command, "--type") == POOLS["pneumo-process"][0]
         template_path = option(command, "--base-job-template")
         assert template_path == f"{IMAGE_REPO_DIR}/deployments/{POOLS['pneumo-process'][1].name}"
-        # One retraining at a time across deployments (concurrency_limit is per deployment).
-        assert option(command, "--limit") == "1"
+        # Two slots: one retraining (the `retraining` queue's limit holds the others back) and one
+        # dataset watch, which must not wait behind a training.
+        assert option(command, "--limit") == "2"
     assert "COPY deployments ./deployments" in WORKER_DOCKERFILE.read_text()
 
 

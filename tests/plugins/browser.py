@@ -88,8 +88,8 @@ class Browser:
         return path
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
+@pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running in this thread while
+def browser() -> Iterator[Browser]:  # open: any later asyncio.run() in the session would fail
     """Headless Debian Chromium on a fresh profile, one page at 1600×1000; screenshots in tests/.screenshots/."""
     executable = find_chromium()
     if executable is None:
