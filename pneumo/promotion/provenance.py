@@ -51,7 +51,10 @@ def code_version() -> dict[str, Any]:
 
 
 def params_digest(params: Any) -> str:
-    """SHA-256 of a retraining's parameters as JSON with sorted keys, ``force`` left out (it decides
-    whether to train, not what training produces)."""
-    data = params.model_dump(mode="json", exclude={"force"}) if hasattr(params, "model_dump") else dict(params)
+    """SHA-256 of a retraining's parameters as JSON with sorted keys. Left out: ``force`` (whether to
+    train, not what training produces) and ``tracking_uri`` (one store has many spellings: relative or
+    absolute paths, a proxy's address)."""
+    exclude = {"force", "tracking_uri"}
+    data = params.model_dump(mode="json", exclude=exclude) if hasattr(params, "model_dump") else {
+        key: value for key, value in dict(params).items() if key not in exclude}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -71,8 +71,12 @@ def test_outside_a_checkout_it_is_the_package_version(tmp_path: Path) -> None:
     assert _version_in(tmp_path) == {"version": pneumo.__version__, "commit": None, "dirty": False}
 
 
-def test_the_parameter_digest_ignores_force_and_nothing_else() -> None:
-    base = RetrainParams(source="data", candidates=["dense"])
+def test_the_parameter_digest_ignores_force_and_the_tracking_uri_and_nothing_else() -> None:
+    base = RetrainParams(source="data", candidates=["dense"], tracking_uri="sqlite:///.pneumo/mlflow.db")
     assert params_digest(base) == params_digest(base.model_copy(update={"force": True}))
+    # The demo writes the same store as an absolute path: found in the same experiment, the same retraining.
+    absolute = base.model_copy(update={"tracking_uri": "sqlite:////w/.pneumo/mlflow.db"})
+    assert params_digest(base) == params_digest(absolute)
+    assert params_digest(base) != params_digest(base.model_copy(update={"registered_model": "other"}))
     assert params_digest(base) != params_digest(RetrainParams(source="data", candidates=["dense"], train={"epochs": 2}))
     assert params_digest(base) != params_digest(RetrainParams(source="other", candidates=["dense"]))
