@@ -159,7 +159,8 @@ def _skipped(params: RetrainParams, ingested: Record, reason: str) -> State:
                              key="retraining-skipped", description="Why this retraining trained nothing")
     result = {"outcome": "skipped", "reason": reason, "parent_run_id": run_id, "fingerprint": ingested["fingerprint"],
               "leaderboard": [], "decision": None, "candidates": []}
-    return Completed(message=f"Skipped: {reason}", data=result)
+    # A completed state named "Skipped": the Prefect UI's run list shows the outcome, not just "Completed".
+    return Completed(name="Skipped", message=f"Skipped: {reason}", data=result)
 
 
 @flow(name="retrain", task_runner=_task_runner(), log_prints=True)

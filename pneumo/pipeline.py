@@ -332,7 +332,8 @@ def record_skipped(params: RetrainParams, fingerprint: str, reason: str, ingest_
         params.tracking_uri, params.experiment, params.source, fingerprint, params,
         data_report={"ingest": ingest_report, "fingerprint": fingerprint, "skipped": reason},
         run_name=time.strftime("retrain-%Y%m%d-%H%M%S-skipped", time.gmtime()),
-        tags={tracking.TAG_OUTCOME: "skipped", tracking.TAG_SKIP_REASON: reason})
+        # The reason as the run's description too: the MLflow UI cuts tag values short.
+        tags={tracking.TAG_OUTCOME: "skipped", tracking.TAG_SKIP_REASON: reason, "mlflow.note.content": reason})
     tracking.finish_retraining(run_id, status="FINISHED", tracking_uri=params.tracking_uri)
     return run_id
 
