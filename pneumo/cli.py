@@ -13,7 +13,7 @@ from typing import Any, TypeVar, get_args
 from pydantic import BaseModel, ValidationError
 
 from pneumo.config import Gate, Settings, TrainConfig
-from pneumo.errors import PneumoError
+from pneumo.errors import PneumoError, redact
 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
@@ -389,8 +389,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         print(f"pneumo: error: invalid parameter: {problems}", file=sys.stderr)
         return 2
-    except (PneumoError, FileNotFoundError, ValueError) as error:
-        print(f"pneumo: error: {error}", file=sys.stderr)
+    except (PneumoError, OSError, ValueError) as error:  # OSError: a folder where a file goes, and the like
+        print(f"pneumo: error: {redact(str(error))}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if type(error).__module__.split(".")[0] != "mlflow":  # a bug of ours: keep its traceback
+            raise
+        # An unknown run id, or a tracking server that answered the start-up check and then failed.
+        from pneumo.mlflow_client import one_line
+
+        print(f"pneumo: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pneumo: interrupted", file=sys.stderr)

@@ -90,3 +90,19 @@ def test_only_transient_failures_are_retried() -> None:
     assert retried(ConnectionResetError("reset by peer")) and retried(TimeoutError("read timed out"))
     assert not retried(StorageError("no such bucket")) and not retried(KeyError("a bug"))
     assert not retried(TypeError("a bug"))
+
+
+def test_common_cli_mistakes_print_one_line_and_no_traceback(tmp_path, capsys) -> None:
+    # #25: an unknown run id (an MlflowException) and --csv naming a folder (an OSError) printed tracebacks.
+    from pneumo.data.synthetic import generate_dataset
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["promote", "0123456789abcdef0123456789abcdef", "--tracking-uri", store, "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == "pneumo: error: MlflowException: Run with id=0123456789abcdef0123456789abcdef not found"
+
+    generate_dataset(tmp_path / "data", seed=1, scale=0.01, image_kind="small")
+    (tmp_path / "a-folder").mkdir()
+    assert main(["ingest", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"),
+                 "--csv", str(tmp_path / "a-folder")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("pneumo: error: [Errno 21] Is a directory")
