@@ -70,14 +70,17 @@ SECRET_ENV: tuple[str, ...] = (
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
 )
+# user:password@ with a password that may hold '@' or '/' (typed raw, not percent-encoded): up to the
+# token's last '@'. A plain user@ stops at the first '/', so an S3 key like img@2x.png is left alone.
+_PASSWORD_INFO = re.compile(r"(?<=://)[^\s:@/]*:[^\s]*@")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|secret|access_token|sig|signature|"
-                           r"x-amz-signature|x-amz-security-token)=)[^&\s#]*")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|secret|client_secret|api_key|apikey|"
+                           r"access_token|sig|signature|x-amz-signature|x-amz-security-token)=)[^&\s#]*")
 
 
 def redact(text: str) -> str:
     """``text`` with every URL's user-info, password-like query values and secret env values replaced by ``***``."""
-    text = _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", str(text)))
+    text = _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", _PASSWORD_INFO.sub("***@", str(text))))
     for name in SECRET_ENV:
         value = os.environ.get(name, "")
         if len(value) >= 4:

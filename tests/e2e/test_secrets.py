@@ -24,6 +24,11 @@ SECRET = "SECRET42xyz"
     (f"postgresql://u:{SECRET}@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
     (f"http://127.0.0.1:5000/?password={SECRET}&x=1", "http://127.0.0.1:5000/?password=***&x=1"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    # #25: passwords holding '@' or '/', and libpq's and API-key parameters.
+    (f"https://u:p@ss{SECRET}@127.0.0.1:9/x", "https://***@127.0.0.1:9/x"),
+    (f"https://u:pa/ss{SECRET}@127.0.0.1:9", "https://***@127.0.0.1:9"),
+    (f"postgresql://db/m?sslpassword={SECRET}&api_key={SECRET}", "postgresql://db/m?sslpassword=***&api_key=***"),
+    ("s3://bucket/chest_xray/img@2x.png", "s3://bucket/chest_xray/img@2x.png"),  # a key, not a credential
 ])
 def test_redact_removes_user_info_and_password_parameters(uri: str, shown: str) -> None:
     assert redact(uri) == shown and has_credentials(uri) == (uri != shown)
