@@ -250,7 +250,10 @@ def _restore(folder: Path) -> tuple[CandidateResult, str] | None:
 
     if not (folder / "result.json").is_file() or not (folder / "model.keras").is_file():
         return None
-    saved = json.loads((folder / "result.json").read_text())
+    try:
+        saved = json.loads((folder / "result.json").read_text())
+    except ValueError:  # torn by a crash mid-write (before writes were atomic): train again
+        return None
     run_id = saved.pop("run_id")
     return CandidateResult(**saved, model=keras.models.load_model(folder / "model.keras")), run_id
 
@@ -291,7 +294,9 @@ def train_and_log(
         if result.status == "ok":  # kept until logged: a tracking outage loses nothing
             pending.mkdir(parents=True, exist_ok=True)
             result.model.save(pending / "model.keras")
-            (pending / "result.json").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
+            # Written whole or not at all: the model first, then result.json by rename.
+            (pending / "result.tmp").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
+            os.replace(pending / "result.tmp", pending / "result.json")
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
                            class_weight=weights, tracking_uri=params.tracking_uri)
     shutil.rmtree(pending, ignore_errors=True)

@@ -194,3 +194,14 @@ def test_a_tracking_outage_after_training_keeps_the_model_and_retries_only_the_l
     run = MlflowClient(mlflow_server.uri).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and "pneumo.serving_model_uri" in run.data.tags
     assert not (settings.home / "runs" / parent / "dense" / "pending").exists()
+
+
+def test_a_torn_pending_result_means_training_again_not_failing_every_retry(tmp_path: Path) -> None:
+    # #25: result.json of a kept model was not written atomically; a torn one failed every retry.
+    from pneumo.pipeline import _restore
+
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    (pending / "model.keras").write_bytes(b"kept model")
+    (pending / "result.json").write_text('{"name": "dense", "status": "o')  # cut off mid-write
+    assert _restore(pending) is None
