@@ -96,7 +96,8 @@ def select_and_promote(params: RetrainParams, parent_run_id: str, run_ids: list[
 
 
 def _failed(name: str, error: BaseException | str) -> Record:
-    return {"name": name, "status": "failed", "error": str(error), "score": None, "threshold": None,
+    # The row goes to the leaderboard (MLflow and Prefect): no credential from the error's text.
+    return {"name": name, "status": "failed", "error": redact(str(error)), "score": None, "threshold": None,
             "test": {}, "validation": {}, "run_id": None}
 
 
@@ -134,7 +135,7 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
         try:
             candidates.append(future.result())
         except Exception as error:  # noqa: BLE001 - the failure policy: record it, keep the others
-            logger.error("candidate %s failed: %s", name, error)
+            logger.error("candidate %s failed: %s", name, redact(str(error)))
             candidates.append(_failed(name, error))
     survivors = [c for c in candidates if c["status"] == "ok"]
     decision = None

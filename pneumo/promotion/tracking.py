@@ -213,8 +213,8 @@ def finish_retraining(parent_run_id: str, *, status: str = "FINISHED", error: st
 
 
 def _close(client: Any, run_id: str, status: str, error: str | None = None) -> None:
-    if error:
-        client.set_tag(run_id, TAG_ERROR, error[:5000])
+    if error:  # an error's text may quote a credentialed URI
+        client.set_tag(run_id, TAG_ERROR, redact(error)[:5000])
     client.set_terminated(run_id, status=status)
 
 

@@ -109,3 +109,20 @@ async def _check_prefect(experiment: str) -> None:
                                                 artifact_filter=ArtifactFilter())
         assert {artifact.key for artifact in artifacts} >= {"leaderboard", "promotion-decision"}
         assert not [a.key for a in artifacts if SECRET in json.dumps(a.data, default=str)]
+
+
+def test_a_failed_candidates_error_is_stored_and_shown_without_its_secret(tmp_path) -> None:
+    # #25 item 1b: a candidate's str(error) went unredacted into its leaderboard row and the pneumo.error tag.
+    from mlflow import MlflowClient
+
+    from flows.retrain import _failed
+    from pneumo.promotion import tracking
+
+    error = RuntimeError(f"API request to http://u:{SECRET}@127.0.0.1:5000/api failed")
+    row = _failed("cnn", error)
+    assert SECRET not in row["error"] and "http://***@127.0.0.1:5000" in row["error"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_retraining(uri, "secrets", "data", "f" * 64, {"epochs": 1})
+    tracking.finish_retraining(run_id, status="FAILED", error=str(error), tracking_uri=uri)
+    tag = MlflowClient(uri).get_run(run_id).data.tags[tracking.TAG_ERROR]
+    assert SECRET not in tag and tag.startswith("API request to http://***@127.0.0.1:5000")
