@@ -314,8 +314,8 @@ def skip_reason(params: RetrainParams, fingerprint: str) -> str | None:
     from pneumo.promotion import runs, tracking
     from pneumo.promotion.provenance import code_version, params_digest
 
-    finished = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
-                                         max_results=1)
+    # Not max_results=1: the source is matched after the search, and the newest run may be another source's.
+    finished = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri)
     if not finished:
         return None
     last = finished[0]
@@ -372,7 +372,7 @@ def dataset_changes(params: WatchParams, settings: Settings, *, log: Log = print
             log(f"dataset watch {redact(params.source)}: {summary}")
             return {**result, "status": "settling", "changes": moving, "summary": summary}
     trained = runs.finished_retrainings(params.experiment, params.source, tracking_uri=params.tracking_uri,
-                                        trained=True, max_results=20)
+                                        trained=True)
     last = trained[0] if trained else None
     before = runs.ingest_manifest(last.info.run_id, tracking_uri=params.tracking_uri) if last else None
     if last is not None:

@@ -222,3 +222,19 @@ def test_a_source_still_being_uploaded_is_left_for_the_next_watch(tmp_path: Path
     settled = pipeline.dataset_changes(params.model_copy(update={"settle_seconds": 0}), settings, log=lambda _: None)
     assert settled["status"] == "changed" and "previous_run_id" not in settled  # no retraining yet: all is new
     assert settled["added"] == settled["images"] and settled["removed"] == settled["changed"] == 0
+
+
+def test_the_skip_finds_its_source_behind_a_newer_retraining_of_another(tmp_path: Path) -> None:
+    from pneumo import pipeline
+    from pneumo.params import RetrainParams
+    from pneumo.promotion import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ours = RetrainParams(source="s3://a/x", candidates=["dense"], experiment="shared", tracking_uri=uri)
+    other = ours.model_copy(update={"source": "s3://b/y"})
+    for params in (ours, other):  # the other source's retraining is the newest in the experiment
+        run_id = tracking.start_retraining(uri, "shared", params.source, "f" * 64, params)
+        tracking.finish_retraining(run_id, tracking_uri=uri)
+        time.sleep(0.01)  # distinct start times
+    assert "nothing changed since retraining" in pipeline.skip_reason(ours, "f" * 64)
+    assert pipeline.skip_reason(ours, "e" * 64) is None  # one image differs: it trains
