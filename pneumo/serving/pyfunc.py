@@ -19,7 +19,7 @@ from pneumo.data.decode import (
     pixel_cap_reason
 )
 from pneumo.data.layout import CLASSES
-from pneumo.errors import ServingError
+from pneumo.errors import ModelError, ServingError
 
 KERAS_ARTIFACT = "keras_model"
 INPUT_COLUMN = "image"
@@ -220,6 +220,40 @@ def _tf_reason(error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- the pyfunc
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # beyond what any candidate trains on; outside means a bad config
+
+
+def model_settings(config: dict[str, Any] | None) -> tuple[float, int, Any]:
+    """Threshold, image size and calibrator from a model's ``model_config``, each range-checked.
+
+    The config lives in the MLmodel file of the artifact store: ``threshold: .nan`` there would turn
+    every probability into NORMAL, so a value outside its range refuses the load instead.
+
+    Raises:
+        ModelError: a setting is missing or out of range (named).
+    """
+    from pneumo.evaluation.calibration import Calibrator
+
+    config = config or {}
+    missing = [key for key in ("threshold", "image_size") if key not in config]
+    if missing:
+        raise ModelError(f"model config lacks {', '.join(missing)}: not pneumo's served model")
+    try:
+        threshold = float(config["threshold"])
+    except (TypeError, ValueError):
+        raise ModelError(f"model config threshold {config['threshold']!r} is not a number") from None
+    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise ModelError(f"model config threshold {threshold!r} is outside [0, 1]")
+    size = config["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ModelError(f"model config image_size {size!r} is not an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
+    try:
+        calibrator = Calibrator.from_config(config.get("calibration"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"model config calibration {config.get('calibration')!r} is invalid: {error}") from None
+    return threshold, size, calibrator
+
+
 class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     """Keras model + calibration + tuned threshold + image size, behind MLflow's pyfunc interface."""
 
@@ -231,15 +265,10 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         """Load the Keras file (safe mode: no code in it runs) and read the model config."""
         import keras
 
-        from pneumo.evaluation.calibration import Calibrator
-
         # A bad limit setting (ConfigError) should stop the server at start-up, not fail every request.
         max_image_pixels()
         max_batch_images()
-        config = context.model_config or {}
-        self.threshold = float(config["threshold"])
-        self.image_size = int(config["image_size"])
-        self.calibrator = Calibrator.from_config(config.get("calibration"))
+        self.threshold, self.image_size, self.calibrator = model_settings(context.model_config)
         self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
 
     # model_input is deliberately unannotated: MLflow would try to derive a schema from the hint.
