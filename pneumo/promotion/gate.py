@@ -54,6 +54,7 @@ class Evaluation:
     version: str | None = None
     probabilities: Any = None  # per test image, for the paired comparison
     intervals: dict[str, Interval] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)  # SHA-256 of the model files scored
 
 
 def floor_reasons(gate: Gate, candidate: Evaluation) -> list[str]:
@@ -158,13 +159,26 @@ class Decision:
         }
 
 
-def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | None = None) -> Evaluation:
-    """Score a served (pyfunc) model on encoded test images at the threshold stored with it, with intervals."""
+def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | None = None,
+                   expected: dict[str, str] | None = None) -> Evaluation:
+    """Score a served (pyfunc) model on encoded test images at the threshold stored with it, with intervals.
+
+    The model is downloaded once and its files hashed before loading: the checksums of what was
+    scored are what registration records; with ``expected`` (a registered version's checksums)
+    they are verified first (:class:`~pneumo.serving.integrity.IntegrityError` names what changed).
+    """
+    import tempfile
+
+    import mlflow.artifacts
     import mlflow.pyfunc
 
     from pneumo.evaluation.metrics import compute_metrics, selection_score
+    from pneumo.serving.integrity import file_digests, verify
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    with tempfile.TemporaryDirectory(prefix="pneumo-gate-") as tmp:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        checksums = file_digests(local) if expected is None else verify(local, expected, model_uri)
+        model = mlflow.pyfunc.load_model(local)
     threshold = float((model.model_config or {}).get("threshold", 0.5))
     served = model.unwrap_python_model()
     if not hasattr(served, "score"):
@@ -177,7 +191,7 @@ def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | 
                                  score_weight=gate.score_weight, replicates=gate.replicates)
     return Evaluation(model_uri=model_uri, threshold=threshold, metrics=metrics, version=version,
                       score=selection_score(metrics["recall"], metrics["specificity"], gate.score_weight),
-                      probabilities=probabilities, intervals=intervals)
+                      probabilities=probabilities, intervals=intervals, checksums=checksums)
 
 
 def compare(test: TestSet, candidate: Evaluation, champion: Evaluation | None, gate: Gate) -> PairedComparison | None:

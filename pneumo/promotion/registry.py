@@ -24,6 +24,7 @@ from pneumo.promotion.runs import ranked_candidates
 from pneumo.promotion.tracking import (
     SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text
 )
+from pneumo.serving.integrity import IntegrityError, load_registered, record_checksums, recorded_checksums
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,14 @@ def _ensure_registered_model(client: Any, name: str) -> None:
     unless(EXISTS, lambda: client.create_registered_model(
         name, description="Pneumonia vs normal chest X-ray classifier (pyfunc: images in, "
                           "probability + label out). Aliases: champion, previous-champion, challenger."))
+
+
+def _recorded(client: Any, version: Any) -> dict[str, str] | None:
+    """The champion's recorded checksums (None, with a warning, for a version registered before them)."""
+    expected = recorded_checksums(client, version)
+    if expected is None:
+        log.warning("%s version %s has no recorded checksums: scored unverified", version.name, version.version)
+    return expected
 
 
 def _own_model(client: Any, run: Any) -> str:
@@ -100,8 +109,13 @@ def promote(
 
     def decide() -> Decision:
         current = _alias_version(client, model_name, CHAMPION)
-        champion = None if current is None else evaluate_model(
-            f"models:/{model_name}/{current.version}", test, gate, version=str(current.version))
+        try:
+            champion = None if current is None else evaluate_model(
+                f"models:/{model_name}/{current.version}", test, gate, version=str(current.version),
+                expected=_recorded(client, current))
+        except IntegrityError as error:  # never compare against, or replace unseen, a champion someone changed
+            raise PromotionError(f"champion version {current.version} cannot be compared: {error}; restore its "
+                                 "files or roll back before promoting") from None
         return Decision(
             model_name=model_name, candidate=best.data.tags.get(TAG_CANDIDATE, best.info.run_name),
             run_id=best.info.run_id, parent_run_id=parent_run_id, dry_run=dry_run,
@@ -150,10 +164,12 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any) -> None:
     created = None
     try:
         source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
+        # The checksums of the files the gate scored: every later load is verified against them.
+        tags = {**version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")),
+                **record_checksums(client, decision.run_id, decision.evaluation.checksums)}
         lease.ensure_held()
-        created = client.create_model_version(name, source=source, run_id=decision.run_id,
-                                              tags=version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")), description=card,
-                                              model_id=source.removeprefix("models:/"))
+        created = client.create_model_version(name, source=source, run_id=decision.run_id, tags=tags,
+                                              description=card, model_id=source.removeprefix("models:/"))
         log_text(client, decision.run_id, "model_card.md", card)
         decision.version = str(created.version)
         verdict = decision.outcome
@@ -250,15 +266,13 @@ def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: 
     Raises:
         PromotionError: no previous champion (or it was deleted), or its model does not load (nothing changes).
     """
-    import mlflow.pyfunc
-
     client = mlflow_client(tracking_uri)
     with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
         previous = _alias_version(client, model_name, PREVIOUS)
         if previous is None:
             raise PromotionError(_no_previous(client, model_name))
         try:
-            mlflow.pyfunc.load_model(f"models:/{model_name}/{previous.version}")
+            load_registered(model_name, str(previous.version), tracking_uri=tracking_uri)
         except Exception as error:  # noqa: BLE001 - any failure means apps could not load it either
             raise PromotionError(f"{model_name} version {previous.version} ({PREVIOUS}) does not load, so the "
                                  f"champion stays: {one_line(error)}") from None

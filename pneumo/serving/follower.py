@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pneumo.errors import ServingError, redact
 from pneumo.mlflow_client import MISSING, error_code, mlflow_client, one_line
+from pneumo.serving.integrity import IntegrityError, download_verified
 from pneumo.serving.smoke import ModelRefused, smoke_test
 
 
@@ -53,7 +55,9 @@ def load_version(model_name: str, version: str) -> Loaded:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pneumo-serve-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=tmp)
+            local = str(download_verified(model_name, version, Path(tmp)))
+        except IntegrityError as error:
+            raise ModelRefused(f"checksum check failed: {error}") from None
         except Exception as error:  # noqa: BLE001 - any failure refuses the version
             raise ModelRefused(f"artifacts do not download: {one_line(error)}") from None
         path = list(sys.path)
