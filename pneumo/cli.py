@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -231,22 +233,43 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> Any:
-    """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does)."""
+def _held_cache(data: Path) -> AbstractContextManager[Any]:
+    """The shared cache lock when ``data`` is a pneumo cache (``pneumo ingest`` prints one as the dataset
+    folder, and a retraining's sync rewrites it): held, no sync can change the files while they are read."""
+    from pneumo.data.storage import META_DIR, reading
+
+    for root in (data, data.parent if data.name == "chest_xray" else None):
+        if root is not None and (root / META_DIR).is_dir():
+            return reading(root)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _promotion_test_set(args: argparse.Namespace, run_id: str, uri: str) -> Iterator[Any]:
+    """The test split of ``--data``, or of the retraining's own dataset source (synced like the flow does),
+    held for reading until the block exits: the gate reads the files a chunk at a time."""
+    from pneumo.data.storage import parse_source
     from pneumo.evaluation.holdout import read_test_set
-    from pneumo.pipeline import ingest
+    from pneumo.pipeline import ingest, materialized
     from pneumo.promotion.runs import retraining_dataset
 
-    if args.data:
-        result = ingest(str(args.data), Settings())
-    else:
-        source, fingerprint = retraining_dataset(run_id, tracking_uri=uri)
-        _log(f"syncing the retraining's dataset {source} ...")
-        result = ingest(source, Settings(), progress=_progress("syncing"))
-        if fingerprint and result.fingerprint != fingerprint:
-            _log(f"note: {source} changed since the retraining (fingerprint {result.fingerprint[:12]} "
-                 f"vs {fingerprint[:12]}); evaluating on the current test split")
-    return read_test_set(result.root, result.frame)
+    settings = Settings()
+    given = parse_source(args.data) if args.data else None  # refuses credentials without echoing them
+    if given is not None and given.path is not None:
+        with _held_cache(given.path):  # the user's folder, or a cache read in place
+            result = ingest(args.data, settings)
+            yield read_test_set(result.root, result.frame)
+        return
+    source, fingerprint = (args.data, None) if args.data else retraining_dataset(run_id, tracking_uri=uri)
+    _log(f"syncing the dataset {source} ...")
+    result = ingest(source, settings, progress=_progress("syncing"))
+    if fingerprint and result.fingerprint != fingerprint:
+        _log(f"note: {source} changed since the retraining (fingerprint {result.fingerprint[:12]} "
+             f"vs {fingerprint[:12]}); evaluating on the current test split")
+    test_rows = result.frame[result.frame["split"] == "test"]
+    # As the flow does: a sync (another retraining starting) must not change the files being scored.
+    with materialized(test_rows, source, settings) as root:
+        yield read_test_set(root, test_rows)
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -257,8 +280,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     gate = _model_from_flags(args, Gate)  # a bad flag fails before any MLflow or data work
     uri, model = _registry_target(args)
     run_id = args.run_id or latest_retraining(args.experiment or Settings().experiment, tracking_uri=uri)
-    test = _promotion_test_set(args, run_id, uri)
-    decision = promote(run_id, test, gate=gate, model_name=model, tracking_uri=uri, dry_run=args.dry_run)
+    with _promotion_test_set(args, run_id, uri) as test:
+        decision = promote(run_id, test, gate=gate, model_name=model, tracking_uri=uri, dry_run=args.dry_run)
     if args.json:
         _print_json(decision.record())
     else:
@@ -348,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = sub.add_parser("promote", help="gate a retraining's best candidate against the champion")
     promote.add_argument("run_id", nargs="?", help="retraining (parent) run id (default: the latest in --experiment)")
-    promote.add_argument("--data", type=Path, help="folder holding chest_xray/ whose test split to evaluate on "
-                         "(default: the retraining's own dataset source)")
+    promote.add_argument("--data", help="folder holding chest_xray/, or s3://bucket/prefix, whose test split to "
+                         "evaluate on (default: the retraining's own dataset source); a pneumo cache folder is "
+                         "held for reading, waiting at most PNEUMO_CACHE_LOCK_TIMEOUT seconds (default 1800)")
     promote.add_argument("--experiment", help="MLflow experiment (default PNEUMO_EXPERIMENT)")
     promote.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
     _add_model_flags(promote, Gate)

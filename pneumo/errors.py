@@ -64,16 +64,23 @@ class TransientStorageError(StorageError):
     transient = True
 
 
+class CacheLockTimeout(TransientStorageError):
+    """Another process held the local cache's lock for longer than ``PNEUMO_CACHE_LOCK_TIMEOUT`` (names it)."""
+
+
 # ----------------------------------------------------------------------------- redaction
 # Environment variables whose values are secrets wherever they turn up (error text, URIs, logs).
 SECRET_ENV: tuple[str, ...] = (
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
 )
+# Where a URI's user-info starts, whatever the scheme: after "://", or after "scheme:/" where a path
+# library collapsed the "//" (str(Path("file://u:p@host/x")) is "file:/u:p@host/x").
+_AUTHORITY = r"(?:(?<=://)|(?<=[A-Za-z0-9+.\-]:/))"
 # user:password@ with a password that may hold '@' or '/' (typed raw, not percent-encoded): up to the
 # token's last '@'. A plain user@ stops at the first '/', so an S3 key like img@2x.png is left alone.
-_PASSWORD_INFO = re.compile(r"(?<=://)[^\s:@/]*:[^\s]*@")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_PASSWORD_INFO = re.compile(_AUTHORITY + r"[^\s:@/]*:[^\s]*@")
+_USERINFO = re.compile(_AUTHORITY + r"[^/@\s]+@")
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|secret|client_secret|api_key|apikey|"
                            r"access_token|sig|signature|x-amz-signature|x-amz-security-token)=)[^&\s#]*")
 

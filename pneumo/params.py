@@ -21,6 +21,22 @@ def _refuse_credentials(value: str | None) -> str | None:
     return value
 
 
+def _checked_source(value: str) -> str:
+    """A source :func:`~pneumo.data.storage.parse_source` accepts, refused without echoing a secret."""
+    from pneumo.data.storage.sources import parse_source
+    from pneumo.errors import StorageError, has_credentials
+
+    if has_credentials(value):
+        # Stored like tracking_uri; no scheme takes credentials in the URI (s3:// has its credential chain).
+        raise ValueError("source must not carry credentials; for s3:// give the worker AWS credentials "
+                         "(env vars, profile, role); file:// URIs and folders take none")
+    try:
+        parse_source(value)  # an unsupported scheme or a bad bucket fails here, not after the flow started
+    except StorageError as error:  # pydantic reports ValueErrors as validation errors
+        raise ValueError(str(error)) from None
+    return value
+
+
 def _all_models() -> list[str]:
     from pneumo.training.models import list_models
 
@@ -58,6 +74,7 @@ class RetrainParams(Strict):
         return value
 
     _no_credentials = field_validator("tracking_uri")(_refuse_credentials)
+    _valid_source = field_validator("source")(_checked_source)
 
     @model_validator(mode="after")
     def _image_size_fits_every_candidate(self) -> RetrainParams:
@@ -88,6 +105,7 @@ class WatchParams(Strict):
                                                                      "when both agree (an upload still going waits).")
 
     _no_credentials = field_validator("tracking_uri")(_refuse_credentials)
+    _valid_source = field_validator("source")(_checked_source)
 
     def resolved(self, settings: Settings) -> WatchParams:
         """A copy with the worker's settings filled in where the parameter left them unset."""

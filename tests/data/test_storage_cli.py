@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pneumo.cli import main
+from pneumo.cli import _promotion_test_set, build_parser, main
+from pneumo.data.storage import cache_dir, sync
+from pneumo.errors import CacheLockTimeout
 from tests.plugins.s3 import S3Server
 
 pytestmark = pytest.mark.usefixtures("s3_env")
@@ -51,3 +54,45 @@ def test_ingest_errors_are_one_line(s3_server: S3Server, tmp_path: Path, capsys:
     assert err.startswith("pneumo: error: ") and "pneumo-missing-bucket" in err and s3_server.endpoint_url in err
     assert main(["synth", "out", "--to", "gs://x/y"]) == 2
     assert "unsupported" in capsys.readouterr().err
+
+
+TEST_SPLIT = {f"chest_xray/test/{label}/{name}.jpeg": name.encode() * 20
+              for label, names in (("NORMAL", ("IM-0001-0001", "IM-0002-0001")),
+                                   ("PNEUMONIA", ("person1_virus_1", "person2_bacteria_1"))) for name in names}
+
+
+def _sync_elsewhere(uri: str, cache: Path, endpoint: str) -> BaseException | None:
+    """What a sync into ``cache`` from another thread (a retraining starting) raises, or None."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            sync(uri, cache, endpoint_url=endpoint)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    return outcome[0]
+
+
+def test_promote_holds_the_cache_while_it_reads_the_test_files(s3_server: S3Server, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # #25 item 14: `promote --data CACHE` read the files a chunk at a time without the cache lock.
+    bucket, cache = s3_server.make_bucket(), tmp_path / "cache"
+    s3_server.put_tree(bucket, TEST_SPLIT)
+    uri = f"s3://{bucket}"
+    sync(uri, cache, endpoint_url=s3_server.endpoint_url)  # `pneumo ingest` prints this as the dataset folder
+    monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PNEUMO_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("PNEUMO_CACHE_LOCK_TIMEOUT", "0.2")
+    for data, held in ((str(cache), cache), (str(cache / "chest_xray"), cache),
+                       (uri, cache_dir(tmp_path / "home", uri))):  # a source: synced, then held as the flow does
+        args = build_parser().parse_args(["promote", "RUN", "--data", data])
+        with _promotion_test_set(args, "RUN", "unused") as test:
+            assert sorted(path.name for path in test.images) == sorted(Path(key).name for key in TEST_SPLIT)
+            error = _sync_elsewhere(uri, held, s3_server.endpoint_url)
+            assert isinstance(error, CacheLockTimeout), (data, error)
+        assert _sync_elsewhere(uri, held, s3_server.endpoint_url) is None  # released with the block

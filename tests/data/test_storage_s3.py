@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,14 +13,14 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pneumo.data.storage.ingest
-from pneumo.errors import StorageError, TransientStorageError
+from pneumo.errors import CacheLockTimeout, StorageError, TransientStorageError
 from pneumo.data.storage import (
     FOLDER_MARKER,
     META_DIR,
@@ -30,6 +31,7 @@ from pneumo.data.storage import (
     sync,
     upload_tree,
 )
+from tests.data.test_storage_unit import rewrite_in_place
 from tests.plugins.s3 import ALL_FAULT_KINDS, S3Server, free_port
 
 pytestmark = pytest.mark.usefixtures("s3_env")
@@ -506,24 +508,48 @@ def test_transient_failures_are_told_apart_from_permanent_ones(s3_server: S3Serv
         sync(uri, tmp_path / "c3", endpoint_url=f"http://127.0.0.1:{free_port()}")
 
 
-def _wait_until_blocked_on(lock_file: Path, kind: str, alive: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Return once someone waits for ``flock`` on ``lock_file`` (Linux /proc/locks "->" entries).
+class _LockWaits(logging.Handler):
+    """Who started waiting for a cache lock: storage logs it (with ``extra``) before it polls again.
 
-    Deterministic: the waiter is seen blocked by the kernel, not guessed from elapsed time.
+    Deterministic: a waiter is seen when it reports that it waits, not guessed from elapsed time.
     """
-    stat = lock_file.stat()
-    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino} "
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path("/proc/locks").read_text().splitlines():
-            if "->" in line and "FLOCK" in line and kind in line and inode in line:
-                return
-        assert alive(), "the other thread finished instead of waiting for the lock"
-        time.sleep(0.01)
-    raise AssertionError(f"nobody waited for a {kind} lock on {lock_file} within {timeout} s")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+        self.messages: list[str] = []
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "cache_lock"):
+            with self.changed:
+                self.seen.append((record.cache_lock, record.exclusive))
+                self.messages.append(record.getMessage())
+                self.changed.notify_all()
+
+    def wait(self, lock_file: Path, kind: str, alive: Callable[[], bool], timeout: float = 15.0) -> None:
+        """Return once someone waits for a ``kind`` ("WRITE" or "READ") lock on ``lock_file`` (each wait counts once)."""
+        wanted = (str(lock_file), kind == "WRITE")
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while wanted not in self.seen:
+                assert alive(), "the other thread finished instead of waiting for the lock"
+                assert time.monotonic() < deadline, f"nobody waited for a {kind} lock on {lock_file}"
+                self.changed.wait(0.05)
+            self.seen.remove(wanted)
 
 
-needs_proc_locks = pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+@pytest.fixture
+def lock_waits() -> Iterator[_LockWaits]:
+    handler, logger = _LockWaits(), logging.getLogger("pneumo.data.storage")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+needs_flock = pytest.mark.skipif(sys.platform == "win32", reason="the cache lock is POSIX flock")
 
 
 def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -540,8 +566,9 @@ def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]
     return thread, outcome
 
 
-@needs_proc_locks
-def test_a_reader_holds_off_sync_and_a_sync_holds_off_readers(s3_server: S3Server, tmp_path: Path) -> None:
+@needs_flock
+def test_a_reader_holds_off_sync_and_a_sync_holds_off_readers(s3_server: S3Server, tmp_path: Path,
+                                                              lock_waits: _LockWaits) -> None:
     # Item 11: `pneumo promote` syncing into the cache a training run is reading.
     bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
     uri, lock = f"s3://{bucket}", cache / META_DIR / "lock"
@@ -551,7 +578,7 @@ def test_a_reader_holds_off_sync_and_a_sync_holds_off_readers(s3_server: S3Serve
 
     with reading(cache):
         writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url))
-        _wait_until_blocked_on(lock, "WRITE", writer.is_alive)
+        lock_waits.wait(lock, "WRITE", writer.is_alive)
         assert (cache / key).read_bytes() == IMAGES[key]  # the reader still sees what it started with
     writer.join(30)
     assert "error" not in outcome and outcome["value"].report.downloaded == 1
@@ -574,16 +601,17 @@ def test_a_reader_holds_off_sync_and_a_sync_holds_off_readers(s3_server: S3Serve
             return (cache / key).read_bytes()
 
     reader, read_outcome = _in_thread(read)
-    _wait_until_blocked_on(lock, "READ", reader.is_alive)
+    lock_waits.wait(lock, "READ", reader.is_alive)
     assert not seen.is_set()
     resume.set()
     writer.join(30), reader.join(30)
     assert "error" not in outcome and read_outcome["value"] == b"third version"  # after the sync, whole
 
 
-@needs_proc_locks
+@needs_flock
 def test_materialized_holds_the_pinned_files_while_they_are_read(s3_server: S3Server, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                lock_waits: _LockWaits) -> None:
     bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
     uri = f"s3://{bucket}"
     pinned = sync(uri, cache, endpoint_url=s3_server.endpoint_url).frame
@@ -601,7 +629,7 @@ def test_materialized_holds_the_pinned_files_while_they_are_read(s3_server: S3Se
         holder.join(30)
         assert held.get("value") == IMAGES, held
         writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url))
-        _wait_until_blocked_on(cache / META_DIR / "lock", "WRITE", writer.is_alive)
+        lock_waits.wait(cache / META_DIR / "lock", "WRITE", writer.is_alive)
         assert _tree(root) == IMAGES  # exactly the pinned bytes, for as long as the block runs
         with pytest.raises(StorageError, match="holds it for reading"):  # would wait for itself
             sync(uri, cache, endpoint_url=s3_server.endpoint_url)
@@ -619,11 +647,88 @@ def test_materialized_holds_the_pinned_files_while_they_are_read(s3_server: S3Se
     def materialize_then_touch(*args: Any, **kwargs: Any) -> Path:
         root = real(*args, **kwargs)
         calls.append(root)
-        if len(calls) == 1:
-            os.utime(root / key, ns=(1, 1))  # no longer the file the cache state vouches for
+        if len(calls) == 1:  # rewritten in place, same size, mtime put back: not what the state vouches for
+            rewrite_in_place(root / key, b"X" * len(IMAGES[key]))
         return root
 
     monkeypatch.setattr(pneumo.data.storage.ingest, "materialize", materialize_then_touch)
     with materialized(repinned, uri, worker, endpoint_url=s3_server.endpoint_url) as root:
         assert root == worker and _tree(root) == IMAGES
     assert len(calls) == 2  # cold cache: fetched; touched by "someone": checked again, fetched again
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_not_trusted(s3_server: S3Server, tmp_path: Path) -> None:
+    # #25 item 14: same size, same mtime, other bytes was trusted; only the kernel's ctime tells, then the MD5.
+    bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
+    uri, key = f"s3://{bucket}", "chest_xray/test/NORMAL/IM-0200-0001.jpeg"
+    first = sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    rewrite_in_place(cache / key, b"X" * len(IMAGES[key]))
+    again = sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    assert again.report.downloaded == 1 and (cache / key).read_bytes() == IMAGES[key]
+    assert again.fingerprint == first.fingerprint
+
+    # Touched but unchanged, or vouched for by a state file of older code (no ctime): hashed, still trusted.
+    os.utime(cache / key, ns=(1, 1))
+    state_file = cache / META_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    for item in state["objects"].values():
+        del item["ctime_ns"], item["ino"]
+    state_file.write_text(json.dumps(state))
+    kept = sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    assert (kept.report.downloaded, kept.report.reused) == (0, len(IMAGES))
+    assert all(item["ctime_ns"] for item in json.loads(state_file.read_text())["objects"].values())  # cheap next time
+
+
+_HOLD_FOR_READING = """
+import sys
+from pneumo.data.storage import reading
+with reading(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin (or kills us)
+"""
+
+
+@needs_flock
+def test_the_cache_lock_gives_up_after_its_timeout_naming_the_holder(s3_server: S3Server, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     lock_waits: _LockWaits) -> None:
+    # #25 item 14: `pneumo promote` waited for ever behind a training holding the cache for reading.
+    bucket, cache = _bucket_with(s3_server, IMAGES), tmp_path / "cache"
+    uri, lock = f"s3://{bucket}", cache / META_DIR / "lock"
+    sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+    monkeypatch.setenv("PNEUMO_CACHE_LOCK_TIMEOUT", "0.3")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOR_READING, str(cache)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(CacheLockTimeout, match=f"held by pid {holder.pid} on .*, reading since .* after 0.3 s") as info:
+            sync(uri, cache, endpoint_url=s3_server.endpoint_url)
+        assert info.value.transient and "PNEUMO_CACHE_LOCK_TIMEOUT" in str(info.value)
+        lock_waits.wait(lock, "WRITE", lambda: True)  # and it said so, naming the holder, while it waited
+        assert f"pid {holder.pid} " in lock_waits.messages[-1] and "giving up after 0.3 s" in lock_waits.messages[-1]
+    finally:
+        holder.kill()
+        holder.wait(30)
+    stale = [p for p in (cache / META_DIR / "holders").glob("*.json") if p.name.startswith(f"{holder.pid}-")]
+    assert stale  # SIGKILL: the kernel released the lock, the holder's note stayed behind
+
+    # A reader behind a sync gives up too, naming the sync (this process), not the killed holder.
+    in_sync, resume = threading.Event(), threading.Event()
+
+    def pause(done: int, total: int) -> None:  # called inside sync's exclusive lock
+        if not in_sync.is_set():
+            in_sync.set()
+            assert resume.wait(30)
+
+    writer, outcome = _in_thread(lambda: sync(uri, cache, endpoint_url=s3_server.endpoint_url, progress=pause))
+    try:
+        assert in_sync.wait(30)
+        with pytest.raises(CacheLockTimeout, match=f"held by pid {os.getpid()} on .*, updating since") as info, reading(cache):
+            pass
+        assert f"pid {holder.pid} " not in str(info.value) and not any(p.exists() for p in stale)
+    finally:
+        resume.set()
+        writer.join(30)
+    assert "error" not in outcome
+    with reading(cache):  # free again: taken at once
+        assert not list((cache / META_DIR / "holders").glob(f"{holder.pid}-*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import unicodedata
 from pathlib import Path
@@ -10,7 +11,9 @@ import pandas as pd
 import pytest
 
 from pneumo.data.storage import (
+    LOCK_TIMEOUT_ENV,
     list_images,
+    lock_timeout,
     manifest_changes,
     FOLDER_MARKER,
     MANIFEST_COLUMNS,
@@ -24,7 +27,7 @@ from pneumo.data.storage import (
     unsafe_reason,
 )
 from pneumo.data.storage.keys import select
-from pneumo.errors import PneumoError, StorageError, TransientStorageError
+from pneumo.errors import ConfigError, PneumoError, StorageError, TransientStorageError
 
 
 def _nfc(text: str) -> str:
@@ -79,9 +82,18 @@ def test_bad_uris_fail_with_one_line(uri: str, fragment: str) -> None:
     assert isinstance(info.value, PneumoError)
 
 
-def test_uri_with_credentials_is_refused_without_echoing_them() -> None:
-    with pytest.raises(StorageError) as info:
-        parse_source("s3://AKIAEXAMPLE:supersecretvalue@bkt/x")
+@pytest.mark.parametrize("uri", [
+    "s3://AKIAEXAMPLE:supersecretvalue@bkt/x",
+    # #25 item 1d: a file:// source's user-info was accepted and echoed ("got host 'u:...@host'").
+    "file://AKIAEXAMPLE:supersecretvalue@host/x",
+    "file://supersecretvalue@localhost/x",
+    "s3://bkt/x?X-Amz-Signature=supersecretvalue",
+    "gs://AKIAEXAMPLE:supersecretvalue@bkt/x",
+    "AKIAEXAMPLE:supersecretvalue@host://x",
+])
+def test_uri_with_credentials_is_refused_without_echoing_them(uri: str) -> None:
+    with pytest.raises(StorageError, match="credentials|not a dataset source URI") as info:
+        parse_source(uri)
     assert "supersecretvalue" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value)
 
 
@@ -168,6 +180,38 @@ def test_local_source_manifest_and_report(tmp_path: Path) -> None:
     # Content change -> new fingerprint; the memo must not hide it.
     (data / "chest_xray/train/NORMAL/IM-0001-0001.jpeg").write_bytes(b"normal-1-changed")
     assert sync(data, tmp_path / "cache").fingerprint != result.fingerprint
+
+
+def rewrite_in_place(path: Path, body: bytes) -> None:
+    """Overwrite ``path`` with ``body`` of the same size, in place, and put its mtime back: only ctime moves."""
+    before = path.stat()
+    assert len(body) == before.st_size
+    with open(path, "r+b") as handle:
+        handle.write(body)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_a_local_file_rewritten_with_its_mtime_put_back_is_hashed_again(tmp_path: Path) -> None:
+    # #25 item 14: the MD5 memo, keyed by (size, mtime), kept the old MD5 of a rewritten file.
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    _write_dataset(data)
+    first = sync(data, cache)
+    rewrite_in_place(data / "chest_xray/test/NORMAL/IM-0002-0001.jpeg", b"normal-X")
+    assert sync(data, cache).fingerprint != first.fingerprint
+    with pytest.raises(StorageError, match="IM-0002-0001.jpeg.*MD5"):
+        materialize(first.frame, data, cache)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
+def test_a_bad_cache_lock_timeout_is_refused(value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, value)
+    with pytest.raises(ConfigError, match=f"{LOCK_TIMEOUT_ENV} must be a number of seconds"), reading(tmp_path):
+        pass
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "2.5")
+    assert lock_timeout() == 2.5
+    monkeypatch.delenv(LOCK_TIMEOUT_ENV)
+    assert lock_timeout() == 1800
 
 
 def test_local_materialize_detects_changes(tmp_path: Path) -> None:

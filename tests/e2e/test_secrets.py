@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from pneumo.data.synthetic import generate_dataset
 from pneumo.errors import has_credentials, redact
-from pneumo.params import RetrainParams
+from pneumo.cli import main
+from pneumo.params import RetrainParams, WatchParams
 
 SECRET = "SECRET42xyz"
 
@@ -29,6 +30,12 @@ SECRET = "SECRET42xyz"
     (f"https://u:pa/ss{SECRET}@127.0.0.1:9", "https://***@127.0.0.1:9"),
     (f"postgresql://db/m?sslpassword={SECRET}&api_key={SECRET}", "postgresql://db/m?sslpassword=***&api_key=***"),
     ("s3://bucket/chest_xray/img@2x.png", "s3://bucket/chest_xray/img@2x.png"),  # a key, not a credential
+    # #25 item 1d: every scheme, and the "scheme:/" that str(Path("file://...")) collapses a URI to.
+    (f"file://u:{SECRET}@host/x", "file://***@host/x"),
+    (f"file://{SECRET}@localhost/x", "file://***@localhost/x"),
+    (str(Path(f"file://u:{SECRET}@host/x")), "file:/***@host/x"),
+    (f"smb://{SECRET}@nas/share", "smb://***@nas/share"),
+    ("file:///data/img@2x/chest_xray", "file:///data/img@2x/chest_xray"),
 ])
 def test_redact_removes_user_info_and_password_parameters(uri: str, shown: str) -> None:
     assert redact(uri) == shown and has_credentials(uri) == (uri != shown)
@@ -38,6 +45,23 @@ def test_a_credentialed_tracking_uri_parameter_is_refused() -> None:
     with pytest.raises(ValidationError, match="must not carry credentials") as raised:
         RetrainParams(tracking_uri=f"http://u:{SECRET}@127.0.0.1:5000")
     assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("params", [RetrainParams, WatchParams])
+@pytest.mark.parametrize("source", [f"file://u:{SECRET}@host/x", f"file://{SECRET}@localhost/x",
+                                    f"s3://AKIA:{SECRET}@bucket/x", f"s3://bucket/x?X-Amz-Signature={SECRET}"])
+def test_a_credentialed_source_parameter_is_refused(params: type, source: str) -> None:
+    # #25 item 1d: `source: file://u:SECRET@host/x` was accepted (stored in Prefect and MLflow) and echoed.
+    with pytest.raises(ValidationError, match="source must not carry credentials") as raised:
+        params(source=source)
+    assert SECRET not in str(raised.value)
+
+
+def test_a_credentialed_dataset_folder_is_not_echoed_by_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    # The CLI takes --data/DATA as a path: "file://u:p@host/x" reaches errors as "file:/u:p@host/x".
+    assert main(["manifest", f"file://u:{SECRET}@host/x"]) == 2
+    err = capsys.readouterr().err
+    assert "pneumo: error:" in err and "file:/***@host/x" in err and SECRET not in err
 
 
 @pytest.mark.parametrize("uri", [f"https://u:{SECRET}@127.0.0.1:9", f"postgresql://u:{SECRET}@127.0.0.1:9/db"])

@@ -6,7 +6,7 @@ bucket; :func:`list_images` lists a source without downloading and :func:`manife
 differs between two manifests (the dataset watch). What users can rely on is in docs/storage.md.
 """
 
-from pneumo.data.storage.cache import META_DIR, STATE_VERSION, cache_dir, reading
+from pneumo.data.storage.cache import LOCK_TIMEOUT_ENV, META_DIR, STATE_VERSION, cache_dir, lock_timeout, reading
 from pneumo.data.storage.ingest import list_images, materialize, materialized, sync
 from pneumo.data.storage.keys import FOLDER_MARKER, UNICODE_DUPLICATE
 from pneumo.data.storage.report import (
@@ -17,8 +17,8 @@ from pneumo.data.storage.transfer import DEFAULT_WORKERS, ProgressFn, upload_tre
 from pneumo.errors import redact
 
 __all__ = [
-    "DEFAULT_WORKERS", "FOLDER_MARKER", "MANIFEST_COLUMNS", "META_DIR", "STATE_VERSION", "UNICODE_DUPLICATE",
-    "IngestReport", "IngestResult", "ProgressFn", "Source", "UploadReport", "cache_dir", "counts_by", "fingerprint",
-    "list_images", "manifest_changes", "materialize", "materialized", "parse_source", "reading", "redact", "sync",
-    "unsafe_reason", "upload_tree",
+    "DEFAULT_WORKERS", "FOLDER_MARKER", "LOCK_TIMEOUT_ENV", "MANIFEST_COLUMNS", "META_DIR", "STATE_VERSION",
+    "UNICODE_DUPLICATE", "IngestReport", "IngestResult", "ProgressFn", "Source", "UploadReport", "cache_dir",
+    "counts_by", "fingerprint", "list_images", "lock_timeout", "manifest_changes", "materialize", "materialized",
+    "parse_source", "reading", "redact", "sync", "unsafe_reason", "upload_tree",
 ]

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pneumo.errors import StorageError
+from pneumo.errors import StorageError, has_credentials
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def parse_source(source: str | os.PathLike[str] | Source) -> Source:
 
     The URI may point at the folder (prefix) that holds ``chest_xray/`` or at ``chest_xray/``
     itself, like the local manifest accepts. Raises StorageError for an unsupported scheme, a malformed
-    bucket, credentials or a query in the URI.
+    bucket, credentials (any scheme; the message never echoes them) or a query in the URI.
     """
     if isinstance(source, Source):
         return source
@@ -52,7 +53,15 @@ def parse_source(source: str | os.PathLike[str] | Source) -> Source:
         raise StorageError("empty dataset source (use s3://bucket/prefix, file:///path or a folder)")
     if "://" not in text:
         return Source(scheme="file", path=Path(text).expanduser())
+    if has_credentials(text):
+        # Never echo the URI: it holds a secret. No source takes one in its URI (S3 has its credential
+        # chain, a file has none), and the source is stored in Prefect parameters and MLflow tags.
+        raise StorageError("a dataset source URI must not contain credentials (user-info before '@' or a "
+                           "password-like query parameter); for s3:// use the AWS credential chain "
+                           "(env vars, profile, role); file:// URIs and folders take none")
     scheme = text.split("://", 1)[0].lower()
+    if not _SCHEME.match(scheme):
+        raise StorageError("not a dataset source URI (use s3://bucket/prefix, file:///path or a folder)")
     parts = urlsplit(text)
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -60,9 +69,6 @@ def parse_source(source: str | os.PathLike[str] | Source) -> Source:
         return Source(scheme="file", path=Path(unquote(parts.path)))
     if scheme != "s3":
         raise StorageError(f"unsupported dataset source scheme {scheme!r}: use s3://bucket/prefix, file:///path or a folder")
-    if "@" in parts.netloc:
-        # Never echo the URI: it holds credentials.
-        raise StorageError("s3:// URIs must not contain credentials; use the AWS credential chain (env vars, profile, role)")
     if parts.query or parts.fragment:
         raise StorageError(f"s3 URI {text!r} must not have a query or fragment")
     bucket = parts.netloc

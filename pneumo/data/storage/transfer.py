@@ -129,7 +129,7 @@ def _download(s3: _S3, cache: _Cache, key: str, path: str, *, if_match: str | No
             os.replace(temporary, target)  # atomic: the final name only ever holds a complete file
         finally:
             temporary.unlink(missing_ok=True)
-        entry = _Entry(etag=etag, size=size, md5=md5, mtime_ns=target.stat().st_mtime_ns)
+        entry = _Entry.of(target, etag, size, md5)  # the stat after the rename: rename moves ctime
         return _Fetched(entry, proof)
 
     try:
