@@ -49,6 +49,41 @@ def unless(codes: tuple[str, ...], call: Callable[[], T]) -> T | None:
         raise
 
 
+# MLflow's codes for a server that is overloaded, not for a bad request. (INTERNAL_ERROR is also the
+# code of every MlflowException raised locally, so it counts only when a server answered with it.)
+_TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+# MLflow gathers the failures of a multi-file download into one new MlflowException that keeps only
+# their messages, not the errors: a store's 5xx/429 or a dropped connection is recognised by its text.
+_TRANSIENT_DOWNLOAD = re.compile(
+    r"failures occurred while downloading.*(\((?:5\d\d|429)\)|SlowDown|ServiceUnavailable|InternalError|"
+    r"Connection (?:was )?(?:reset|refused|aborted|closed)|timed out|Read timeout)", re.DOTALL)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: a dropped connection or timeout, or a 5xx/429 from the tracking server or the
+    artifact store (MLflow and boto errors alike, also as the cause of another error). A refusal
+    (404, 403, a bad parameter) or a local failure is not."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # MLflow re-raises a dropped connection as its own error
+        seen.add(id(error))
+        if getattr(error, "transient", False) or isinstance(error, OSError | HTTPClientError | BotoConnectionError):
+            return True  # OSError covers ConnectionError, TimeoutError and requests' errors
+        if isinstance(error, ClientError):
+            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            return status >= 500 or status == 429
+        if isinstance(error, MlflowException) and (
+                error_code(error) in _TRANSIENT_CODES
+                or (isinstance(error, RestException) and error_code(error) == "INTERNAL_ERROR")
+                or _TRANSIENT_DOWNLOAD.search(str(error))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def one_line(error: BaseException) -> str:
     """``Type: message`` on one line, cut to 300 characters, credentials removed (for user-facing errors)."""
     text = redact(" ".join(str(error).split()))

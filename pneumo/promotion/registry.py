@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
 from pneumo.evaluation.holdout import TestSet
-from pneumo.mlflow_client import EXISTS, MISSING, mlflow_client, one_line, unless
+from pneumo.mlflow_client import EXISTS, MISSING, is_transient, mlflow_client, one_line, unless
 from pneumo.promotion.gate import (
     ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
     version_tags
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 DECISION_TAG = "pneumo.decision"
 PREVIOUS_TAG = "pneumo.previous_champion"
 REASON_TAG = "pneumo.decision.reason"
+LOAD_RETRY_DELAYS = (2.0, 8.0)  # seconds before the second and third try of a transiently failed model load
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,12 +71,30 @@ def _own_model(client: Any, run: Any) -> str:
     return uri
 
 
+def _retrying_transient(call: Callable[[], T], what: str, delays: Sequence[float] | None = None) -> T:
+    """``call()``, again after each of ``delays`` seconds (:data:`LOAD_RETRY_DELAYS`) while it fails
+    transiently (:func:`~pneumo.mlflow_client.is_transient`)."""
+    for delay in (*(LOAD_RETRY_DELAYS if delays is None else delays), None):
+        try:
+            return call()
+        except Exception as error:
+            if delay is None or not is_transient(error):
+                raise
+            log.warning("%s failed transiently (%s); trying again in %.0f s", what, one_line(error), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def _evaluate_best(client: Any, ranked: Sequence[Any], test: TestSet, gate: Gate) -> tuple[Any, Evaluation, list[str]]:
-    """The best-ranked candidate whose model loads and scores, and why better-ranked ones were skipped."""
+    """The best-ranked candidate whose model loads and scores, and why better-ranked ones were skipped.
+
+    A transient failure (a dropped download, a 503) is retried first: a blip must not change the winner.
+    """
     skipped: list[str] = []
     for run in ranked:
         try:
-            return run, evaluate_model(_own_model(client, run), test, gate), skipped
+            return run, _retrying_transient(lambda: evaluate_model(_own_model(client, run), test, gate),
+                                            f"loading candidate run {run.info.run_id}"), skipped
         except Exception as error:  # noqa: BLE001 - a broken candidate must not block the next one
             name = run.data.tags.get(TAG_CANDIDATE, run.info.run_name)
             skipped.append(f"{name} (run {run.info.run_id}): {one_line(error)}")

@@ -158,6 +158,7 @@ class FaultProxy:
         deny: str = "",
         only: str = "",
         sse: str = "",
+        fail_first: int = 0,
     ) -> FaultProxy:
         """Start the proxy (``python -m tests.plugins.s3 proxy``) and wait for it to answer.
 
@@ -179,6 +180,8 @@ class FaultProxy:
                 *not* the content MD5 (the MD5's hex digits reversed, in listings too; If-Match
                 and If-None-Match are mapped back before forwarding). moto itself returns the
                 MD5 ETag whatever the encryption.
+            fail_first: the first this many requests that may get faults all get the first kind of
+                ``faults``, whatever ``fail_rate`` (a deterministic blip); later ones follow ``fail_rate``.
         """
         process = subprocess.Popen(
             [
@@ -186,7 +189,7 @@ class FaultProxy:
                 "--upstream", upstream, "--fail-rate", str(fail_rate),
                 "--latency-ms", str(latency_ms), "--faults", ",".join(faults),
                 "--methods", ",".join(methods), "--seed", str(seed), "--deny", deny,
-                "--only", only, "--sse", sse,
+                "--only", only, "--sse", sse, "--fail-first", str(fail_first),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -227,7 +230,8 @@ class _ProxyServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, upstream: str, fail_rate: float, latency: float, faults: list[str],
-                 methods: set[str], seed: int, deny: str = "", only: str = "", sse: str = "") -> None:
+                 methods: set[str], seed: int, deny: str = "", only: str = "", sse: str = "",
+                 fail_first: int = 0) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.upstream = (host, int(port or 80))
@@ -238,6 +242,7 @@ class _ProxyServer(ThreadingHTTPServer):
         self.deny = deny
         self.only = only
         self.sse = sse
+        self.fail_first = fail_first
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
@@ -250,6 +255,10 @@ class _ProxyServer(ThreadingHTTPServer):
                 return "deny"
             if method not in self.methods or not self.faults or (self.only and self.only not in path):
                 return None
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                self.counts[self.faults[0]] += 1
+                return self.faults[0]
             if self.rng.random() >= self.fail_rate:
                 return None
             fault = self.rng.choice(self.faults)
@@ -412,11 +421,12 @@ def _proxy_main(argv: list[str]) -> None:
     parser.add_argument("--deny", default="")
     parser.add_argument("--only", default="")
     parser.add_argument("--sse", default="", choices=["", *_SSE_HEADERS])
+    parser.add_argument("--fail-first", type=int, default=0)
     args = parser.parse_args(argv)
     server = _ProxyServer(
         args.upstream, args.fail_rate, args.latency_ms / 1000.0,
         [f for f in args.faults.split(",") if f], set(args.methods.split(",")), args.seed, args.deny,
-        args.only, args.sse,
+        args.only, args.sse, args.fail_first,
     )
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
