@@ -85,7 +85,8 @@ def train_candidate(name: str, manifest: list[Record], params: RetrainParams, pa
                                   log=get_run_logger().info)
 
 
-@task(name="select-and-promote")
+# Transient failures only (a tracking or store blip): the gate undoes a failed promotion, so a retry starts clean.
+@task(name="select-and-promote", retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=_retry_transient)
 def select_and_promote(params: RetrainParams, parent_run_id: str, run_ids: list[str],
                        test_manifest: list[Record]) -> Record:
     """Register the best of this retraining's candidates; move the champion alias only if it passes the gate."""
@@ -137,6 +138,8 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
         except Exception as error:  # noqa: BLE001 - the failure policy: record it, keep the others
             logger.error("candidate %s failed: %s", name, redact(str(error)))
             candidates.append(_failed(name, error))
+    # Every task has ended: a run still RUNNING belongs to an attempt whose worker died with no retry after it.
+    pipeline.close_abandoned_candidates(parent_run_id, params.tracking_uri, log=logger.warning)
     survivors = [c for c in candidates if c["status"] == "ok"]
     decision = None
     if survivors:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from pneumo.data import storage
 from pneumo.data.images import assign_subsets, class_weights, validate_images
 from pneumo.data.layout import CLASSES
 from pneumo.data.storage import IngestResult, cache_dir, counts_by
-from pneumo.errors import CandidateFailed, DataError, redact
+from pneumo.errors import CandidateFailed, DataError, TrackingError, redact
+from pneumo.mlflow_client import is_transient, mlflow_client, one_line
 from pneumo.params import RetrainParams, WatchParams
 
 Log = Callable[[str], None]
@@ -244,6 +246,32 @@ def best_candidate(results: Sequence[CandidateResult]) -> CandidateResult | None
     return max(survivors, key=lambda r: selection_rank(r.score, r.validation.get("roc_auc")), default=None)
 
 
+# ----------------------------------------------------------------------------- a candidate's attempts
+# A retraining's scratch folder on a worker is runs/<parent run id>/<candidate>/: the plots and, until
+# they are logged, the trained model and its result (pending/). pending.lock guards pending/: held while
+# it is written, restored or removed, so no sweep deletes what an attempt is writing.
+STALE_SCRATCH_SECONDS = 7 * 24 * 3600.0  # scratch of a retraining whose run never closed (its flow was killed)
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@contextmanager
+def _pending_lock(candidate_dir: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold a candidate folder's ``pending.lock``; yields False, holding nothing, when ``wait`` is off and
+    another attempt holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: writers go on, sweeps never delete (they cannot tell)
+        yield wait
+        return
+    with open(candidate_dir / "pending.lock", "a+") as handle:  # closing the file releases the lock
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+
+
 def _restore(folder: Path) -> tuple[CandidateResult, str] | None:
     """A candidate trained by an earlier attempt of this task and not yet logged, with its run id."""
     import keras
@@ -258,20 +286,167 @@ def _restore(folder: Path) -> tuple[CandidateResult, str] | None:
     return CandidateResult(**saved, model=keras.models.load_model(folder / "model.keras")), run_id
 
 
+def _claim_pending(candidate_dir: Path) -> tuple[CandidateResult, str] | None:
+    """The model an earlier attempt kept (with its run id), or None; what a crashed attempt left half
+    written is removed, so it cannot be mistaken for this attempt's."""
+    pending = candidate_dir / "pending"
+    with _pending_lock(candidate_dir):
+        restored = _restore(pending)
+        if restored is None:
+            shutil.rmtree(pending, ignore_errors=True)
+        return restored
+
+
+def _keep(candidate_dir: Path, result: CandidateResult, run_id: str) -> None:
+    """Keep a trained model until it is logged: a tracking outage loses nothing."""
+    pending = candidate_dir / "pending"
+    with _pending_lock(candidate_dir):
+        pending.mkdir(exist_ok=True)
+        result.model.save(pending / "model.keras")
+        # Written whole or not at all: the model first, then result.json by rename.
+        (pending / "result.tmp").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
+        os.replace(pending / "result.tmp", pending / "result.json")
+
+
+def _drop_pending(candidate_dir: Path) -> None:
+    with _pending_lock(candidate_dir):
+        shutil.rmtree(candidate_dir / "pending", ignore_errors=True)
+
+
+def _earlier_attempts(client: Any, parent_run_id: str, name: str) -> list[Any]:
+    """Every child run of candidate ``name`` under a retraining: what earlier attempts of its task left."""
+    from pneumo.promotion.tracking import PARENT_RUN_TAG, TAG_CANDIDATE
+
+    parent = client.get_run(parent_run_id)
+    return list(client.search_runs(
+        [parent.info.experiment_id], max_results=1000,
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{TAG_CANDIDATE}` = '{name}'"))
+
+
+def _close_run(client: Any, run_id: str, reason: str) -> None:
+    """Close a run as FAILED with ``reason`` as its error tag and its description (the MLflow UI shows both)."""
+    from pneumo.promotion.tracking import TAG_ERROR
+
+    reason = redact(reason)[:5000]
+    client.set_tag(run_id, TAG_ERROR, reason)
+    client.set_tag(run_id, "mlflow.note.content", reason)
+    client.set_terminated(run_id, status="FAILED")
+
+
+def _close_running(client: Any, runs: Sequence[Any], reason: str, log: Log) -> list[str]:
+    """Close the runs still RUNNING (their attempt is gone: its worker died or it raised before logging)."""
+    closed = [run.info.run_id for run in runs if run.info.status == "RUNNING"]
+    for run_id in closed:
+        _close_run(client, run_id, reason)
+        log(f"closed MLflow run {run_id} as FAILED: {reason}")
+    return closed
+
+
+def close_abandoned_candidates(parent_run_id: str, tracking_uri: str, *, log: Log = print) -> list[str]:
+    """Once every candidate task of a retraining has ended, close its candidate runs still RUNNING
+    (a worker died and no retry followed) as FAILED, with the reason; returns their ids."""
+    from pneumo.promotion.tracking import PARENT_RUN_TAG
+
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    running = client.search_runs([parent.info.experiment_id], max_results=1000, filter_string=(
+        f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    return _close_running(client, running, "its task ended without closing this run (its worker was lost)", log)
+
+
+def _logged_result(client: Any, run: Any) -> dict[str, Any]:
+    """What :func:`train_and_log` returns, read back from a candidate run an earlier attempt logged."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pneumo-logged-") as tmp:
+        saved = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", tmp)).read_text())
+    params, metrics = run.data.params, run.data.metrics
+    return {
+        "name": saved["candidate"], "status": "ok", "error": "", "threshold": saved["threshold"],
+        "threshold_reached": saved["threshold_reached"], "score": saved["selection_score"],
+        "validation": saved["validation"], "test": saved["test"], "intervals": saved.get("intervals", {}),
+        "calibration": json.loads(params.get("calibration", "{}")),
+        "params": {key: params[key] for key in ("epochs_run", "device", "mixed_precision") if key in params},
+        "seconds": metrics.get("train_seconds", 0.0), "images_per_second": metrics.get("images_per_second", 0.0),
+        "artifacts": {}, "run_id": run.info.run_id, "pid": os.getpid(), "reused": True,
+        "started": run.info.start_time / 1000, "finished": (run.info.end_time or run.info.start_time) / 1000,
+    }
+
+
+def _last_touched(folder: Path) -> float:
+    """The newest modification time of a folder or anything in it."""
+    times = [folder.stat().st_mtime]
+    for parent, _, files in os.walk(folder):
+        times += [Path(parent).stat().st_mtime] + [(Path(parent) / name).stat().st_mtime for name in files]
+    return max(times)
+
+
+def _retraining_over(client: Any, folder: Path, now: float) -> bool:
+    """Whether no attempt of the retraining a scratch folder belongs to can come back: its run is closed,
+    or it is untouched for :data:`STALE_SCRATCH_SECONDS` (its run is stuck RUNNING or on another server)."""
+    from pneumo.mlflow_client import MISSING, unless
+
+    run = unless(MISSING, lambda: client.get_run(folder.name))
+    return (run is not None and run.info.status != "RUNNING") or now - _last_touched(folder) > STALE_SCRATCH_SECONDS
+
+
+def sweep_scratch(runs_dir: Path, keep: str, tracking_uri: str | None, *, now: float | None = None) -> list[Path]:
+    """Remove the scratch (kept models, plots) of other retrainings that are over (:func:`_retraining_over`).
+
+    A candidate folder whose ``pending.lock`` is held is left alone: an attempt is writing it.
+    ``keep`` is the running retraining's run id. Returns the candidate folders removed.
+    """
+    client, now = mlflow_client(tracking_uri), time.time() if now is None else now
+    removed = []
+    for folder in sorted(runs_dir.glob("*")):
+        if folder.name == keep or not _RUN_ID.fullmatch(folder.name) or not folder.is_dir():
+            continue
+        if not _retraining_over(client, folder, now):
+            continue
+        for candidate in [path for path in folder.iterdir() if path.is_dir()]:
+            with suppress(FileNotFoundError), _pending_lock(candidate, wait=False) as held:
+                if held:
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    removed.append(candidate)
+        with suppress(OSError):  # only when every candidate folder went
+            folder.rmdir()
+    return removed
+
+
+def _attempts_or_raise(client: Any, parent_run_id: str, name: str, tracking_uri: str) -> list[Any]:
+    try:
+        return _earlier_attempts(client, parent_run_id, name)
+    except Exception as error:  # noqa: BLE001 - any store failure, reported with the URI
+        raised = TrackingError(f"cannot read the earlier runs of candidate {name} on {redact(tracking_uri)}: "
+                               f"{one_line(error)}")
+        raised.transient = is_transient(error)  # a server briefly down: the task's retry tries again
+        raise raised from None
+
+
+def _train(name: str, manifest: pd.DataFrame, params: RetrainParams, data_report: dict[str, Any],
+           settings: Settings, out_dir: Path, log: Log) -> CandidateResult:
+    """Fetch the pinned files and train and evaluate one candidate (:func:`run_candidate`)."""
+    with materialized(manifest, params.source, settings) as root:  # held while training reads the files
+        data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=class_weights(manifest))
+        return run_candidate(name, data, params.train, out_dir, score_weight=params.gate.score_weight, log=log)
+
+
 def train_and_log(
     name: str, manifest: pd.DataFrame, params: RetrainParams, parent_run_id: str, data_report: dict[str, Any],
     settings: Settings, *, log: Log = print,
 ) -> dict[str, Any]:
     """One flow candidate: fetch the pinned files, train and evaluate, log a child run of the retraining.
 
-    The child run opens before training, so the MLflow UI shows its real duration. A trained model
-    is kept on disk until it is logged: when logging fails (tracking server down), the task's retry
-    logs the kept model instead of training again. Returns the result's summary plus ``run_id``,
-    the worker's ``pid``, ``started`` and ``finished`` (epoch seconds).
+    The child run opens before training, so the MLflow UI shows its real duration. An attempt
+    first reads what earlier attempts of this candidate left: a FINISHED run is reused, not trained
+    again (its result may have lived in a worker that died); a model kept on this machine but not
+    yet logged (a tracking outage) is logged instead of training again; a run left RUNNING is
+    closed FAILED with the reason. Returns the result's summary plus ``run_id``, the worker's
+    ``pid``, ``started`` and ``finished`` (epoch seconds) and ``reused``.
 
     Raises:
         CandidateFailed: the candidate produced no model (its FAILED run records why).
-        TrackingError: logging failed (transient: the retry logs the kept model).
+        TrackingError: reading earlier runs or logging failed (transient: the retry logs the kept model).
     """
     from pneumo.promotion import tracking
     from pneumo.training.train import configure_thread_pools
@@ -279,32 +454,49 @@ def train_and_log(
     started = time.time()
     if settings.tf_threads:  # e.g. several Dask worker processes sharing one machine
         configure_thread_pools(1, intra_op=settings.tf_threads)
+    client = mlflow_client(params.tracking_uri)
+    earlier = _attempts_or_raise(client, parent_run_id, name, params.tracking_uri)
+    try:
+        sweep_scratch(settings.home / "runs", parent_run_id, params.tracking_uri)
+    except Exception as error:  # noqa: BLE001 - tidying up never fails a training
+        log(f"[{name}] old scratch folders not swept: {one_line(error)}")
     out_dir = settings.home / "runs" / parent_run_id
-    pending = out_dir / name / "pending"
-    weights = class_weights(manifest)
-    restored = _restore(pending)
+    candidate_dir = out_dir / name
+    candidate_dir.mkdir(parents=True, exist_ok=True)
+    logged = [run for run in earlier if run.info.status == "FINISHED" and tracking.TAG_SERVING_MODEL in run.data.tags]
+    if logged:
+        run_id = logged[0].info.run_id
+        log(f"[{name}] already logged by an earlier attempt as run {run_id}: reused, not trained again")
+        _close_running(client, earlier, f"an attempt of {name} was lost; run {run_id} holds its logged result", log)
+        _drop_pending(candidate_dir)
+        return _logged_result(client, logged[0])
+    restored = _claim_pending(candidate_dir)
     if restored is not None:
         result, run_id = restored
-        log(f"[{name}] logging the model trained by an earlier attempt (kept in {pending})")
+        log(f"[{name}] logging the model trained by an earlier attempt (kept in {candidate_dir / 'pending'})")
     else:
         run_id = tracking.start_candidate(parent_run_id, name, tracking_uri=params.tracking_uri)
-        with materialized(manifest, params.source, settings) as root:  # held while training reads the files
-            data = PreparedData(root=root, frame=manifest, report=data_report, class_weight=weights)
-            result = run_candidate(name, data, params.train, out_dir, score_weight=params.gate.score_weight, log=log)
-        if result.status == "ok":  # kept until logged: a tracking outage loses nothing
-            pending.mkdir(parents=True, exist_ok=True)
-            result.model.save(pending / "model.keras")
-            # Written whole or not at all: the model first, then result.json by rename.
-            (pending / "result.tmp").write_text(json.dumps({**result.summary(), "run_id": run_id}, default=str))
-            os.replace(pending / "result.tmp", pending / "result.json")
+    _close_running(client, [run for run in earlier if run.info.run_id != run_id],
+                   f"this attempt of {name} was lost (its worker died or it failed before logging); "
+                   f"run {run_id} is the later attempt", log)
+    if restored is None:
+        try:
+            result = _train(name, manifest, params, data_report, settings, out_dir, log)
+        except BaseException as error:  # every way out closes the run, never leaving it RUNNING
+            with suppress(Exception):
+                _close_run(client, run_id, f"the attempt failed before its result was logged: {one_line(error)}")
+            raise
+        if result.status == "ok":
+            _keep(candidate_dir, result, run_id)
     tracking.log_candidate(run_id, result, params.train, data_report=data_report,
-                           class_weight=weights, tracking_uri=params.tracking_uri)
-    shutil.rmtree(pending, ignore_errors=True)
+                           class_weight=class_weights(manifest), tracking_uri=params.tracking_uri)
+    _drop_pending(candidate_dir)
     if result.status != "ok":
         raise CandidateFailed(f"{name}: {result.error} (MLflow run {run_id})")
     summary = result.summary()
     summary.pop("history")
-    return {**summary, "run_id": run_id, "pid": os.getpid(), "started": started, "finished": time.time()}
+    return {**summary, "run_id": run_id, "pid": os.getpid(), "started": started, "finished": time.time(),
+            "reused": False}
 
 
 # ----------------------------------------------------------------------------- whether to retrain
