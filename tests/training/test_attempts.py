@@ -8,7 +8,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from pneumo import pipeline
 from pneumo.promotion import tracking
 
