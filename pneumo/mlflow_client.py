@@ -63,17 +63,15 @@ def is_transient(error: BaseException) -> bool:
     """Worth retrying: a dropped connection or timeout, or a 5xx/429 from the tracking server or the
     artifact store (MLflow and boto errors alike, also as the cause of another error). A refusal
     (404, 403, a bad parameter) or a local failure is not."""
-    from botocore.exceptions import ClientError, HTTPClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
     from mlflow.exceptions import MlflowException, RestException
 
     seen: set[int] = set()
     while error is not None and id(error) not in seen:  # MLflow re-raises a dropped connection as its own error
         seen.add(id(error))
-        if getattr(error, "transient", False) or isinstance(error, OSError | HTTPClientError | BotoConnectionError):
+        if getattr(error, "transient", False) or isinstance(error, OSError) or _boto_connection_error(error):
             return True  # OSError covers ConnectionError, TimeoutError and requests' errors
-        if isinstance(error, ClientError):
-            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if isinstance(metadata := getattr(error, "response", None), dict) and "ResponseMetadata" in metadata:
+            status = int(metadata["ResponseMetadata"].get("HTTPStatusCode", 0) or 0)  # a boto ClientError
             return status >= 500 or status == 429
         if isinstance(error, MlflowException) and (
                 error_code(error) in _TRANSIENT_CODES
@@ -82,6 +80,12 @@ def is_transient(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _boto_connection_error(error: BaseException) -> bool:
+    """A botocore connection or read failure, recognised by class name (only the storage layer imports boto)."""
+    return any(cls.__module__.startswith("botocore") and cls.__name__ in ("ConnectionError", "HTTPClientError")
+               for cls in type(error).__mro__)
 
 
 def one_line(error: BaseException) -> str:

@@ -46,7 +46,7 @@ def test_a_503_while_loading_the_best_candidate_is_retried_and_it_still_wins(s3_
 
 
 def test_only_transient_errors_are_retried():
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
     from mlflow.exceptions import MlflowException, RestException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
@@ -54,6 +54,8 @@ def test_only_transient_errors_are_retried():
         return ClientError({"Error": {"Code": str(status)}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
     assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:9"))
     assert is_transient(client_error(503)) and is_transient(client_error(429))
     assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
     assert is_transient(RestException({"error_code": "INTERNAL_ERROR", "message": "database is locked"}))
