@@ -230,8 +230,8 @@ def test_the_skip_finds_its_source_behind_a_newer_retraining_of_another(tmp_path
     from pneumo.promotion import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ours = RetrainParams(source="s3://a/x", candidates=["dense"], experiment="shared", tracking_uri=uri)
-    other = ours.model_copy(update={"source": "s3://b/y"})
+    ours = RetrainParams(source="s3://bucket-a/x", candidates=["dense"], experiment="shared", tracking_uri=uri)
+    other = ours.model_copy(update={"source": "s3://bucket-b/y"})
     for params in (ours, other):  # the other source's retraining is the newest in the experiment
         run_id = tracking.start_retraining(uri, "shared", params.source, "f" * 64, params)
         tracking.finish_retraining(run_id, tracking_uri=uri)
