@@ -14,9 +14,11 @@ if TYPE_CHECKING:  # TensorFlow costs seconds to import; only callers that decod
 
 BATCH_PARALLELISM = 64  # images decoded at once by the batch decoder
 MAX_IMAGE_PIXELS_ENV = "PNEUMO_MAX_IMAGE_PIXELS"
-# Far above the Kaggle images (at most ~3000×3000 = 9 Mpx), far below what exhausts a worker:
-# a 50 Mpx PNG already takes ~750 MB while it is decoded and resized.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# Above the largest Kaggle image (~10 Mpx) with room for larger detectors, far below what exhausts a
+# worker: a 50 Mpx PNG takes ~750 MB and seconds of a core while it is decoded and resized.
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+# Smallest short side an input may have: a chest X-ray is hundreds of pixels; a 1×1 PNG scored 0.999.
+MIN_IMAGE_SIDE = 32
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAX_CHUNKS_BEFORE_IHDR = 64  # text and other ancillary chunks a hostile file may put first
@@ -45,7 +47,7 @@ def env_limit(name: str, default: int) -> int:
 
 
 def max_image_pixels() -> int:
-    """Largest width × height an image may claim (``PNEUMO_MAX_IMAGE_PIXELS``, default 50 Mpx)."""
+    """Largest width × height an image may claim (``PNEUMO_MAX_IMAGE_PIXELS``, default 25 Mpx)."""
     return env_limit(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)
 
 
@@ -109,6 +111,13 @@ def pixel_cap_reason(width: int, height: int, max_pixels: int) -> str | None:
         return None
     return (f"{pixels} pixels exceeds the cap of {max_pixels} ({width}×{height} image; "
             f"setting {MAX_IMAGE_PIXELS_ENV})")
+
+
+def min_size_reason(width: int, height: int) -> str | None:
+    """Why an image this small is refused (None when its short side is at least :data:`MIN_IMAGE_SIDE`)."""
+    if min(width, height) >= MIN_IMAGE_SIDE:
+        return None
+    return f"{width}×{height} image is below the minimum of {MIN_IMAGE_SIDE} px on the short side: not an X-ray"
 
 
 def decoded_pixels(data: bytes, image_size: int) -> int:

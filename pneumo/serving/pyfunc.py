@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo.data.decode import (
     JPEG_MAGIC, PNG_MAGIC, batch_decoder, decode_image, decoded_pixels, env_limit, header_size, max_image_pixels,
-    pixel_cap_reason
+    min_size_reason, pixel_cap_reason
 )
 from pneumo.data.layout import CLASSES
 from pneumo.errors import ModelError, ServingError
@@ -29,6 +29,13 @@ DEFAULT_MAX_BATCH_IMAGES = 256  # images per request; more is refused (HTTP 400)
 # Pixels decoded in one parallel call: 64 PNGs at the pixel cap would need tens of GB while
 # decoding (uint8 + float32 resize input), so large images are decoded in smaller groups.
 DECODE_PIXEL_BUDGET = 100_000_000
+MAX_REQUEST_PIXELS_ENV = "PNEUMO_MAX_REQUEST_PIXELS"
+# Pixels all images of one request may claim together: images alone do not bound the work (16 images
+# of 49 Mpx took 20+ s of decoding and starved other requests); 100 Mpx is ten of the largest Kaggle X-rays.
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+# A decoded gray image whose standard deviation (0..255 scale) is below this is (near-)constant: blank
+# white, black or transparent images scored 1.0 PNEUMONIA. Real X-rays are far above it (tens).
+MIN_PIXEL_STD = 2.0
 
 
 class InvalidImageError(ServingError, MlflowException):
@@ -110,6 +117,8 @@ def _png_from_array(array: np.ndarray, index: int, max_pixels: int) -> bytes:
                 "must be 0..255: multiply by 255 (or send uint8)"
             )
         array = np.rint(array).astype(np.uint8)
+    if reason := min_size_reason(array.shape[1], array.shape[0]):  # after the value checks, which say more
+        raise InvalidImageError(f"item {index}: {reason}")
     return bytes(tf.io.encode_png(array).numpy())
 
 
@@ -144,7 +153,7 @@ def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
     claimed = header_size(item)
     if claimed is None:
         raise InvalidImageError(f"item {index}: cannot decode image (no readable size in its header)")
-    if reason := pixel_cap_reason(*claimed, max_pixels):
+    if reason := pixel_cap_reason(*claimed, max_pixels) or min_size_reason(*claimed):
         raise InvalidImageError(f"item {index}: {reason}")
     return item
 
@@ -162,7 +171,25 @@ def as_encoded_images(model_input: Any) -> list[bytes]:
     if len(items) > limit:
         raise InvalidImageError(f"{len(items)} images in one request exceeds the maximum of {limit} "
                                 f"({MAX_BATCH_IMAGES_ENV}); send smaller batches")
-    return checked_images(items)
+    encoded = checked_images(items)
+    _check_request_pixels(encoded)
+    return encoded
+
+
+def max_request_pixels() -> int:
+    """Most pixels one request's images may claim together (``PNEUMO_MAX_REQUEST_PIXELS``, default 100 Mpx)."""
+    return env_limit(MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS)
+
+
+def _check_request_pixels(encoded: Sequence[bytes]) -> None:
+    """Refuse a request whose images claim more pixels together than the budget, before any decoding."""
+    budget, total = max_request_pixels(), 0
+    for data in encoded:
+        width, height = header_size(data) or (0, 0)  # checked images always have a readable header
+        total += width * height
+    if total > budget:
+        raise InvalidImageError(f"the request's images hold {total} pixels together, over the request budget of "
+                                f"{budget} ({MAX_REQUEST_PIXELS_ENV}); send fewer or smaller images")
 
 
 def checked_images(items: Sequence[Any]) -> list[bytes]:
@@ -209,7 +236,19 @@ def preprocess(encoded: Sequence[bytes], image_size: int, first_index: int = 0) 
                     raise InvalidImageError(f"item {index}: cannot decode image ({_tf_reason(error)})") from None
             raise InvalidImageError("the batch could not be decoded") from None  # pragma: no cover - defensive
         offset += len(group)
-    return (decoded[0] if len(decoded) == 1 else tf.concat(decoded, axis=0)).numpy()
+    pixels = (decoded[0] if len(decoded) == 1 else tf.concat(decoded, axis=0)).numpy()
+    _check_content(pixels, first_index)
+    return pixels
+
+
+def _check_content(pixels: np.ndarray, first_index: int) -> None:
+    """Refuse (near-)constant images, measured on the decoded gray image the model sees (cheap: size²)."""
+    spread = pixels.mean(axis=-1).reshape(len(pixels), -1).std(axis=1)
+    for index in np.flatnonzero(spread < MIN_PIXEL_STD):
+        raise InvalidImageError(
+            f"item {first_index + int(index)}: image is (near-)constant (gray standard deviation "
+            f"{spread[index]:.2f} < {MIN_PIXEL_STD:g}): blank, white, black or transparent, not an X-ray"
+        )
 
 
 def _tf_reason(error: Exception) -> str:

@@ -21,7 +21,7 @@ from pneumo.serving import pyfunc as serving
 from tests.plugins.data import local_manifest
 
 SIZE = 32
-BOMB_SIDE = 20_000  # 400 Mpx claimed: above Pillow's 179 Mpx error limit and the 50 Mpx default cap
+BOMB_SIDE = 20_000  # 400 Mpx claimed: above Pillow's 179 Mpx error limit and the 25 Mpx default cap
 PIXELS_ENV = "PNEUMO_MAX_IMAGE_PIXELS"
 BATCH_ENV = "PNEUMO_MAX_BATCH_IMAGES"
 
@@ -64,7 +64,7 @@ def test_settings_are_read_at_call_time_and_checked(monkeypatch: pytest.MonkeyPa
     from pneumo.data.decode import DEFAULT_MAX_IMAGE_PIXELS, max_image_pixels
     from pneumo.errors import ConfigError
 
-    assert max_image_pixels() == DEFAULT_MAX_IMAGE_PIXELS == 50_000_000
+    assert max_image_pixels() == DEFAULT_MAX_IMAGE_PIXELS == 25_000_000
     assert serving.max_batch_images() == serving.DEFAULT_MAX_BATCH_IMAGES == 256
     monkeypatch.setenv(PIXELS_ENV, "1_000")
     monkeypatch.setenv(BATCH_ENV, "3")
@@ -95,7 +95,7 @@ def test_a_png_with_text_before_its_header_is_still_capped(tmp_path: Path) -> No
     assert header_size(texted) == (12_000, 12_000)
     path = tmp_path / "texted.png"
     path.write_bytes(texted)
-    assert inspect_image(path).startswith("bad-image: 144000000 pixels exceeds the cap of 50000000")
+    assert inspect_image(path).startswith("bad-image: 144000000 pixels exceeds the cap of 25000000")
     pixels_first = plain[:8] + _chunk(b"IDAT", b"\x00" * 16) + plain[8:]  # no header before the pixels
     path.write_bytes(pixels_first)
     assert header_size(pixels_first) is None and inspect_image(path) == "bad-image: no readable size in its header"
@@ -117,11 +117,11 @@ def test_validate_reports_bombs_as_bad_images_and_goes_on(small_dataset: Path, t
 
     reasons = {Path(skip.path).name: skip.reason for skip in checked.bad}
     assert reasons == {
-        "IM-9990-0001.png": "bad-image: 400000000 pixels exceeds the cap of 50000000 (20000×20000 image; "
+        "IM-9990-0001.png": "bad-image: 400000000 pixels exceeds the cap of 25000000 (20000×20000 image; "
                             "setting PNEUMO_MAX_IMAGE_PIXELS)",
-        "IM-9991-0001.png": "bad-image: 100000000 pixels exceeds the cap of 50000000 (10000×10000 image; "
+        "IM-9991-0001.png": "bad-image: 100000000 pixels exceeds the cap of 25000000 (10000×10000 image; "
                             "setting PNEUMO_MAX_IMAGE_PIXELS)",
-        "IM-9992-0001.jpeg": "bad-image: 400000000 pixels exceeds the cap of 50000000 (20000×20000 image; "
+        "IM-9992-0001.jpeg": "bad-image: 400000000 pixels exceeds the cap of 25000000 (20000×20000 image; "
                              "setting PNEUMO_MAX_IMAGE_PIXELS)",
     }
     assert len(checked.frame) == len(frame) - 3
@@ -229,15 +229,15 @@ def test_float_pixels_scaled_to_0_1_are_refused(pyfunc, xray) -> None:
     expected = pyfunc.predict([ok])["probability"].iloc[0]
     for form in (xray.astype(np.float64), xray.astype(np.float32), xray.tolist(), xray / 255.0 * 255.0):
         assert pyfunc.predict([form])["probability"].iloc[0] == pytest.approx(expected, abs=1e-6)
-    assert len(pyfunc.predict([np.zeros((8, 8)), np.ones((8, 8), np.uint8), [[0, 1], [1, 0]]])) == 3
+    assert len(pyfunc.predict([xray.astype(np.float16), xray[:32, :32].tolist()])) == 2
 
 
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (np.full((6, 6), np.nan), "item 1: array contains NaN or infinity"),
-        (np.full((6, 6), np.inf), "item 1: array contains NaN or infinity"),
-        (np.where(np.eye(6) > 0, -np.inf, 100.0), "item 1: array contains NaN or infinity"),
+        (np.full((40, 40), np.nan), "item 1: array contains NaN or infinity"),
+        (np.full((40, 40), np.inf), "item 1: array contains NaN or infinity"),
+        (np.where(np.eye(40) > 0, -np.inf, 100.0), "item 1: array contains NaN or infinity"),
         ([[1.0, float("nan")], [3.0, 4.0]], "item 1: array contains NaN or infinity"),
         ([[1.0, float("inf")], [3.0, 4.0]], "item 1: array contains NaN or infinity"),
         ([[True, False], [False, True]], "item 1: nested list is not a rectangular pixel array"),
@@ -253,21 +253,21 @@ def test_over_cap_images_are_refused_before_decoding_and_the_model_goes_on(
     pyfunc, xray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ok = encode(xray, "PNG")
-    cap = r"400000000 pixels exceeds the cap of 50000000 \(20000×20000 image; setting PNEUMO_MAX_IMAGE_PIXELS\)"
+    cap = r"400000000 pixels exceeds the cap of 25000000 \(20000×20000 image; setting PNEUMO_MAX_IMAGE_PIXELS\)"
     bomb = png_claiming(BOMB_SIDE, BOMB_SIDE)
     _refused(pyfunc, [ok, bomb], f"item 1: {cap}")
     _refused(pyfunc, [ok, base64.b64encode(bomb).decode("ascii")], f"item 1: {cap}")  # as REST sends it
     _refused(pyfunc, pd.DataFrame({"image": [jpeg_claiming(BOMB_SIDE, BOMB_SIDE)]}), f"item 0: {cap}")
     assert len(pyfunc.predict([ok])) == 1  # the model still answers
 
-    monkeypatch.setenv(PIXELS_ENV, "1000")  # read per call: a lower cap applies to arrays and files alike
-    _refused(pyfunc, [xray[:20, :20], xray[:40, :40]], "item 1: 1600 pixels exceeds the cap of 1000")
-    _refused(pyfunc, [encode(xray[:40, :40], "JPEG")], "item 0: 1600 pixels exceeds the cap of 1000")
-    assert len(pyfunc.predict([xray[:20, :20], encode(xray[:25, :40], "JPEG")])) == 2
+    monkeypatch.setenv(PIXELS_ENV, "1500")  # read per call: a lower cap applies to arrays and files alike
+    _refused(pyfunc, [xray[:32, :40], xray[:40, :40]], "item 1: 1600 pixels exceeds the cap of 1500")
+    _refused(pyfunc, [encode(xray[:40, :40], "JPEG")], "item 0: 1600 pixels exceeds the cap of 1500")
+    assert len(pyfunc.predict([xray[:32, :40], encode(xray[:32, :40], "JPEG")])) == 2
 
 
 def test_batches_over_the_maximum_are_refused(pyfunc, xray, monkeypatch: pytest.MonkeyPatch) -> None:
-    ok = encode(xray[:8, :8], "PNG")
+    ok = encode(xray[:32, :32], "PNG")
     _refused(pyfunc, [ok] * 257, r"257 images in one request exceeds the maximum of 256 \(PNEUMO_MAX_BATCH_IMAGES\)")
     _refused(pyfunc, np.zeros((300, 8, 8), np.uint8), "300 images in one request")
     monkeypatch.setenv(BATCH_ENV, "3")
@@ -324,3 +324,38 @@ def test_scoring_app_answers_400_then_200(pyfunc, xray, monkeypatch: pytest.Monk
     assert status == 400 and "multiply by 255" in body["message"]
     status, body = post({"inputs": {"image": [ok]}})
     assert status == 200 and body["predictions"][0]["label"] in ("NORMAL", "PNEUMONIA")
+
+
+# ----------------------------------------------------------------------------- #25 items 8 and 10
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(pyfunc, xray, monkeypatch) -> None:
+    """Each image is under the cap, together they are over the request budget: refused, naming the rule."""
+    assert serving.max_request_pixels() == serving.DEFAULT_MAX_REQUEST_PIXELS == 100_000_000
+    # Five 5,000×5,000 headers (125 Mpx): decoding them would take seconds; the refusal reads headers only.
+    error = _refused(pyfunc, [png_claiming(5000, 5000)] * 5, "over the request budget of 100000000")
+    assert "125000000 pixels" in str(error) and "PNEUMO_MAX_REQUEST_PIXELS" in str(error)
+    monkeypatch.setenv("PNEUMO_MAX_REQUEST_PIXELS", str(2 * 48 * 40))
+    _refused(pyfunc, [xray] * 3, "over the request budget of 3840")
+    assert len(pyfunc.predict([xray] * 2)) == 2
+
+
+@pytest.mark.parametrize("side", [1, 31])
+def test_images_below_the_minimum_size_are_refused(pyfunc, xray, side) -> None:
+    from pneumo.data.decode import MIN_IMAGE_SIDE
+
+    assert MIN_IMAGE_SIDE == 32
+    small = xray[:side, :40]
+    for item in (encode(small, "PNG"), small):  # a file and a pixel array
+        _refused(pyfunc, [xray, item], f"item 1: 40×{side} image is below the minimum of 32 px")
+    assert len(pyfunc.predict([xray[:32, :32]])) == 1
+
+
+def test_constant_images_are_refused(pyfunc, xray) -> None:
+    """Blank white, black and fully transparent images scored 1.0 PNEUMONIA; they are refused, named."""
+    white = encode(np.full((64, 64), 255, np.uint8), "PNG")
+    clear = encode(np.zeros((64, 64, 4), np.uint8), "PNG")  # alpha 0 everywhere
+    faint = np.full((64, 64), 100, np.uint8)
+    faint[::8] = 101  # near-constant: std ~0.3 grey levels
+    for index, item in enumerate((white, clear, faint)):
+        _refused(pyfunc, [xray, item], "item 1: image is \\(near-\\)constant")
+    _refused(pyfunc, [np.zeros((40, 40), np.uint8)], "item 0: image is")
+    assert len(pyfunc.predict([xray])) == 1
