@@ -35,19 +35,30 @@ RENEWALS_PER_TTL = 3  # renew every ttl/3: two renewals may fail (a slow server)
 RENEWER_JOIN_S = 5.0  # on release, how long to wait for a renewal call in flight
 
 
+def fence_margin(ttl: float) -> float:
+    """How long before its lease's expiry a holder stops writing: half a renewal interval (50 s by default).
+
+    MLflow has no conditional write, so a check and the write after it are two calls; a write
+    checked with this much lease left has that long to land before anyone may take the lock over.
+    One failed renewal still leaves a third of the ttl, more than the margin.
+    """
+    return ttl / (2 * RENEWALS_PER_TTL) if ttl > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class _Generation:
     """One registered model that stands for the lock: ``<lock>`` (generation 0) or ``<lock>.<n>``.
 
-    Equal generations are the same one: a later generation under the same name differs in owner
-    or creation time.
+    Equal generations are the same one in the same lease: a later generation under the same name
+    differs in owner or creation time, and a renewed one in its expiry (a contender that saw it
+    abandoned must not take it over once its holder renewed it).
     """
 
     number: int
     name: str
     owner: str
     created: int
-    expires: float = field(compare=False)
+    expires: float
     process: str = field(compare=False)
 
 
@@ -66,13 +77,18 @@ class _Lease:
     def lock_name(self) -> str:
         return f"{self.model_name}{LOCK_SUFFIX}"
 
+    def held(self, margin: float = 0.0) -> _Generation | None:
+        """Our generation while it exists, is ours, and (with a ttl) expires more than ``margin`` s from now."""
+        if self.lost.is_set():
+            return None
+        current = _read_generation(self.client, self.lock_name, self.name)
+        ours = current is not None and current.owner == self.token and (
+            self.ttl <= 0 or current.expires > time.time() + margin)
+        return current if ours else None
+
     def still_held(self) -> bool:
         """True while our generation exists, is ours and (with a ttl) has not expired."""
-        if self.lost.is_set():
-            return False
-        current = _read_generation(self.client, self.lock_name, self.name)
-        return current is not None and current.owner == self.token and (
-            self.ttl <= 0 or current.expires > time.time())
+        return self.held() is not None
 
 
 class LockToken(str):
@@ -81,9 +97,13 @@ class LockToken(str):
     _lease: _Lease | None = None
 
     def ensure_held(self) -> None:
-        """Raise :class:`PromotionError` unless this holder still holds the lock (before a fenced write)."""
+        """Raise :class:`PromotionError` unless this holder still holds the lock (before a fenced write).
+
+        Held means with at least :func:`fence_margin` of the lease left, so the write that follows
+        lands before a contender may take the lock over.
+        """
         lease = self._lease
-        if lease is None or not lease.still_held():
+        if lease is None or lease.held(fence_margin(lease.ttl)) is None:
             model = lease.model_name if lease else "the model"
             raise PromotionError(f"lost the promotion lock of {model}: its lease lapsed or another promotion "
                                  "took it over")
@@ -188,10 +208,22 @@ def _delete(client: Any, name: str) -> None:
     unless(MISSING, lambda: client.delete_registered_model(name))
 
 
-def _delete_if_ours(client: Any, lock_name: str, name: str, token: str) -> None:
+def _delete_if_ours(client: Any, lock_name: str, name: str, token: str, ttl: float) -> bool:
+    """Delete generation ``name`` if it is ours with :func:`fence_margin` of its lease left; True if deleted.
+
+    The registry deletes by name only. Once our lease lapsed, a contender may take over and move
+    back to this very name between our read and our delete, so we would delete its lock: a lapsed
+    generation is left alone (it is open to takeover already).
+    """
     current = _read_generation(client, lock_name, name)
-    if current is not None and current.owner == token:
-        _delete(client, name)
+    if current is None or current.owner != token:
+        return False
+    if ttl > 0 and current.expires <= time.time() + fence_margin(ttl):
+        log.warning("not deleting %s: its lease has (nearly) lapsed, so another promotion may be taking it over; "
+                    "it expires on its own", name)
+        return False
+    _delete(client, name)
+    return True
 
 
 def _confirmed(client: Any, lock_name: str, mine: str, token: str, seen: list[_Generation]) -> bool:
@@ -218,7 +250,7 @@ def _take(
         return None, None
     try:
         if not _confirmed(client, lock_name, mine, token, seen):
-            _delete_if_ours(client, lock_name, mine, token)
+            _delete_if_ours(client, lock_name, mine, token, ttl)
             return None, None
         for generation in seen:
             log.warning("taking over the promotion lock of %s left by %s (%s)", model_name, generation.owner,
@@ -226,18 +258,19 @@ def _take(
             _delete(client, generation.name)
         return _move_home(client, lock_name, mine, token, ttl, model_name), None
     except BaseException:
-        _let_go(client, lock_name, token, mine, lock_name)  # a half-taken lock would block others for a ttl
+        _let_go(client, lock_name, token, ttl, mine, lock_name)  # a half-taken lock would block others for a ttl
         raise
 
 
-def _let_go(client: Any, lock_name: str, token: str, *names: str) -> None:
-    """Best effort: delete those of ``names`` that are ours; a failure is logged, never raised.
+def _let_go(client: Any, lock_name: str, token: str, ttl: float, *names: str) -> None:
+    """Best effort: delete those of ``names`` that are ours (:func:`_delete_if_ours`); a failure is logged,
+    never raised.
 
     Raising here would hide the error that ended the holder's work; a generation left behind expires.
     """
     for name in dict.fromkeys(names):
         try:
-            _delete_if_ours(client, lock_name, name, token)
+            _delete_if_ours(client, lock_name, name, token, ttl)
         except Exception:  # noqa: BLE001
             log.warning("could not delete %s; it expires on its own", name, exc_info=True)
 
@@ -257,11 +290,14 @@ def _move_home(client: Any, lock_name: str, mine: str, token: str, ttl: float, m
 def _renew(lease: _Lease) -> bool:
     """Push our generation's expiry ``ttl`` ahead; False when it is no longer ours to renew.
 
-    An expired lease is not renewed: a contender may already be taking it over.
+    An expired lease is not renewed: a contender may already be taking it over. Nor does a
+    renewal that returns after the expiry it extended count: a contender may have seen the lease
+    lapsed before the new expiry landed (and the tag write may even have landed on its lock).
     """
     from mlflow.exceptions import MlflowException
 
-    if not lease.still_held():
+    current = lease.held()
+    if current is None:
         return False
     try:
         lease.client.set_registered_model_tag(lease.name, LOCK_EXPIRES_TAG, f"{time.time() + lease.ttl:.3f}")
@@ -269,7 +305,7 @@ def _renew(lease: _Lease) -> bool:
         if error_code(error) == "RESOURCE_DOES_NOT_EXIST":
             return False  # deleted by a taker since the check: setting a tag never re-creates it
         raise
-    return True
+    return time.time() < current.expires
 
 
 def _renew_until(stop: threading.Event, lease: _Lease) -> None:
@@ -337,4 +373,7 @@ def promotion_lock(
         stop.set()
         if renewer is not None:
             renewer.join(RENEWER_JOIN_S)
-        _let_go(client, lease.lock_name, token, lease.name)
+        if lease.lost.is_set():  # its expiry may be a late renewal's, on a lock someone else now holds
+            log.warning("not deleting %s: the lease was lost; it expires on its own", lease.name)
+        else:
+            _let_go(client, lease.lock_name, token, ttl, lease.name)

@@ -342,3 +342,38 @@ def test_a_free_lock_is_taken_by_one_contender_at_a_time(client, unique_name):
         worker.finish()
     assert sorted(occupancy.entered) == ["A", "B", "C"] and occupancy.most == 1
     assert generations(client, name) == {}
+
+
+def test_a_holder_whose_lease_lapsed_leaves_the_takers_lock_alone_on_release(client, unique_name, monkeypatch):
+    """The stalled holder's release reads its lapsed lock, then a takeover moves home, then its delete would land.
+
+    Before the fix the release (read: ours; delete by name) deleted the taker's plain-name lock
+    and a third contender found the lock free: two holders at once. Now a lapsed lease is never
+    deleted by its holder, whatever happens between the read and the delete.
+    """
+    name = unique_name("model")
+    monkeypatch.setattr(lock, "_renew_until", lambda stop, lease: None)  # the holder stalls: no renewal
+    pausing = PausingClient(client, pause_at=0)  # no pause while acquiring
+    holder = lock.promotion_lock(pausing, name, ttl=1.0)
+    holder.__enter__()
+    pausing.writes.clear()
+    plain = name + lock.LOCK_SUFFIX
+    assert wait_until(lambda: expiry(client, name) < time.time()), "the stalled holder's lease lapses"
+    pausing._writes, pausing._pause_at = 0, 1  # pause at the release's first write (its delete)
+    release = Worker(lambda: holder.__exit__(None, None, None))
+    release.start()
+    assert wait_until(lambda: pausing.paused.is_set() or not release.is_alive())
+    taker = lock.promotion_lock(client, name, ttl=60.0, timeout=WAIT, poll=0.1)
+    took = taker.__enter__()  # takes the lapsed lock over and moves back to the plain name
+    try:
+        pausing.resume()
+        release.finish()
+        assert generations(client, name) == {plain: took}, "the taker's lock survives the stale release"
+        took.ensure_held()
+        with pytest.raises(PromotionError, match="holds the registry lock"):
+            with lock.promotion_lock(client, name, timeout=0.3, poll=0.1):
+                pass
+        assert ("delete_registered_model", plain) not in pausing.writes
+    finally:
+        taker.__exit__(None, None, None)
+    assert generations(client, name) == {}
