@@ -122,7 +122,7 @@ def test_every_input_form_gives_the_same_answer(files, served):
     # Arrays of any size, gray or RGB(A), go through the same decode path as a PNG of them.
     rng = np.random.default_rng(2)
     gray = rng.integers(0, 255, (57, 33), dtype=np.uint8)
-    rgb = rng.integers(0, 255, (20, 90, 3), dtype=np.uint8)
+    rgb = rng.integers(0, 255, (32, 90, 3), dtype=np.uint8)
     as_png = pyfunc.predict([_encode(gray, "PNG"), _encode(rgb, "PNG")])["probability"].to_numpy()
     for form in ([gray, rgb], [gray.astype(np.float32), rgb.astype(np.float64)], [gray.tolist(), rgb.tolist()],
                  pd.DataFrame({"image": [gray, rgb]})):
@@ -131,7 +131,7 @@ def test_every_input_form_gives_the_same_answer(files, served):
     assert len(pyfunc.predict(rgb)) == 1 and len(pyfunc.predict(gray[:, :, None])) == 1
 
     # More images than one model call takes are scored in chunks, in order.
-    many = [xray_jpeg(level, size=24, seed=i) for i, level in enumerate(np.linspace(20, 230, serving.CHUNK + 6))]
+    many = [xray_jpeg(level, size=32, seed=i) for i, level in enumerate(np.linspace(20, 230, serving.CHUNK + 6))]
     chunked = pyfunc.predict(many)["probability"].to_numpy()
     np.testing.assert_allclose(chunked[-6:], pyfunc.predict(many[-6:])["probability"].to_numpy(), atol=1e-7)
 
