@@ -205,10 +205,14 @@ def _print_champion(info: dict[str, Any]) -> None:
 
 
 def _cmd_champion(args: argparse.Namespace) -> int:
+    from pneumo.promotion.audit import verify_version
     from pneumo.promotion.registry import champion_info
 
     uri, model = _registry_target(args)
     info = champion_info(model, tracking_uri=uri)
+    if info is not None and not args.card:  # what is served: do its files still match what was registered?
+        audit = verify_version(model, info["version"], tracking_uri=uri)
+        info["audit"] = {"ok": audit.ok, "state": audit.state, "problems": audit.problems}
     if args.card and info is not None:
         print(info["card"] or f"{model} version {info['version']} has no model card")
     elif args.json:
@@ -217,7 +221,47 @@ def _cmd_champion(args: argparse.Namespace) -> int:
         print(f"{model} has no champion yet")
     else:
         _print_champion(info)
+        print(f"  audit: {info['audit']['state']}")
     return 0 if info is not None else 1
+
+
+def _print_audit(report: Any) -> None:
+    """The bundle's headline facts, then whether everything still matches."""
+    bundle = report.bundle or {}
+    print(f"{report.model} version {report.version}")
+    if bundle:
+        data, test, code = bundle["dataset"], bundle["test_set"], bundle["code"]
+        decision, training, approval = bundle["decision"], bundle["training"], bundle["approval"]
+        print(f"  data: {data['source']} (fingerprint {data['fingerprint']})")
+        print(f"  test set: sha256 {test['sha256']}, {test['images']} images of {test['patients']} patients "
+              f"({', '.join(f'{n} {name}' for name, n in sorted(test['per_class'].items()))})")
+        print(f"  code: {code['version']}{' (uncommitted changes)' if code['dirty'] == 'true' else ''}; "
+              f"{len(bundle['environment']['packages'])} packages; seed {training['seed']}")
+        print(f"  decision: {decision['outcome']}: {decision['reason']}")
+        print(f"  approval: {approval.get('status')}"
+              + (f" by {approval.get('approver')} at {approval.get('at')}: {approval.get('reason', '')}"
+                 if approval.get("required") else ""))
+    print(f"  {report.state}")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pneumo.promotion.audit import verify_version
+    from pneumo.promotion.registry import champion_info
+
+    uri, model = _registry_target(args)
+    version = args.version
+    if version is None:
+        info = champion_info(model, tracking_uri=uri)
+        if info is None:
+            raise PneumoError(f"{model} has no champion: name a version with --version")
+        version = info["version"]
+    report = verify_version(model, str(version), tracking_uri=uri)
+    if args.json:
+        _print_json({"model": report.model, "version": report.version, "ok": report.ok, "state": report.state,
+                     "problems": report.problems, "files_checked": report.files_checked, "bundle": report.bundle})
+    else:
+        _print_audit(report)
+    return 0 if report.ok else 1
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
@@ -298,6 +342,13 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"not a TCP port (1..65535): {text!r}")
     return int(text)
+
+
+def _version(text: str) -> str:
+    """A registry version number (MLflow's are 1, 2, …)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a version is a whole number from 1, got {text!r}")
+    return str(int(text))
 
 
 def _seconds(text: str) -> float:
@@ -388,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     champion.add_argument("--card", action="store_true", help="print the champion's model card (Markdown)")
     _add_registry_flags(champion)
     champion.set_defaults(handler=_cmd_champion)
+
+    audit = sub.add_parser("audit", help="print a version's audit bundle and verify its files against the "
+                           "checksums recorded at registration (exit 1 naming each changed, missing or added file)")
+    audit.add_argument("--version", type=_version, help="registered version (default: the champion)")
+    _add_registry_flags(audit)
+    audit.set_defaults(handler=_cmd_audit)
 
     serve = sub.add_parser("serve", help="serve the version an alias points at over MLflow's scoring protocol, "
                            "following the alias as it moves")

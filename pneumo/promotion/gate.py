@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from pneumo.evaluation.stats import Interval, PairedComparison, metric_intervals
 from pneumo.promotion.tracking import TAG_CANDIDATE, TAG_FINGERPRINT
 
 if TYPE_CHECKING:
-    from pneumo.evaluation.holdout import TestSet
+    from pneumo.evaluation.holdout import TestSet, TestSetChange
 
 # Registry aliases the verdict sets: a passing candidate becomes champion, the one it replaces
 # previous-champion; one that does not pass becomes challenger.
@@ -28,6 +29,7 @@ ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
 # then one forward pass), plus 8 bytes per test image for the probabilities: independent of the
 # split's size. At real size (JPEGs of ~0.2 MB) a chunk is ~13 MB of encoded bytes.
 SCORE_CHUNK = 64
+TAG_TEST_SET = "pneumo.test_set.sha256"  # version tag: the locked test set it was promoted on
 _EPSILON = 1e-9  # scores are means of counts: equal models must compare equal despite rounding
 
 
@@ -96,6 +98,25 @@ class Decision:
     version: str | None = None  # the registered version (None on a dry run)
     aliases: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # better-ranked candidates that could not be evaluated
+    test_set_digest: str = ""  # SHA-256 of the locked test set scored now (TestSet.digest)
+    champion_test_set_digest: str | None = None  # the one the champion was promoted on; None: not recorded
+    test_change: TestSetChange | None = None  # set when the two differ
+    compared_on_shared: bool = False  # the paired comparison used only the images in both splits
+    withheld: str | None = None  # why a person did not sign off (approval rejected or timed out): no promotion
+
+    @property
+    def test_set_note(self) -> str:
+        """Whether champion and candidate were compared on the champion's locked test set, and if not why."""
+        if self.champion is None:
+            return ""
+        if self.champion_test_set_digest is None:
+            return f"version {self.champion.version}'s test set was not recorded (registered before test-set hashes)"
+        if self.test_change is None:
+            return f"same locked test set as version {self.champion.version} (sha256 {self.test_set_digest[:12]})"
+        where = (f"the {self.comparison.n_images} images both share" if self.comparison and self.compared_on_shared
+                 else f"all {self.n_test_images} current images (too few are shared per class)")
+        return (f"the test split changed since version {self.champion.version} was promoted "
+                f"({self.test_change.describe()}): compared on {where}")
 
     @property
     def verdict(self) -> str:
@@ -111,16 +132,18 @@ class Decision:
 
     @property
     def promoted(self) -> bool:
-        """Whether ``champion`` moved to this candidate."""
-        return self.passes and not self.dry_run
+        """Whether ``champion`` moved to this candidate (never without the sign-off the gate asked for)."""
+        return self.passes and not self.dry_run and self.withheld is None
 
     @property
     def reason(self) -> str:
         """One line: why it was (not) promoted."""
-        parts = list(self.reasons)
+        parts = list(self.reasons) + ([f"not signed off: {self.withheld}"] if self.withheld else [])
         if self.comparison is not None:
             parts.append(f"vs champion version {self.champion.version}: "  # type: ignore[union-attr]
                          + self.comparison.describe(self.gate.margin, self.gate.mode))
+        if self.test_set_note:
+            parts.append(self.test_set_note)
         elif not self.reasons:
             parts.append("passed the floors; there was no champion yet")
         return "; ".join(parts)
@@ -129,7 +152,7 @@ class Decision:
     def outcome(self) -> str:
         """``promoted``, ``challenger`` (registered, not promoted), ``undecided`` (registered as
         challenger: the test split cannot tell) or ``dry-run: would be …``."""
-        verdict = "promoted" if self.passes else "undecided" if not self.reasons and self.verdict == "undecided" \
+        verdict = "challenger" if self.withheld else "promoted" if self.passes else "undecided" if not self.reasons and self.verdict == "undecided" \
             else "challenger"
         return f"dry-run: would be {verdict}" if self.dry_run else verdict
 
@@ -155,7 +178,13 @@ class Decision:
             "champion_score": champion.score if champion else None,
             "champion_metrics": dict(champion.metrics) if champion else None,
             "previous_champion": champion.version if champion and self.promoted else None,
-            "aliases": dict(self.aliases), "skipped_candidates": list(self.skipped),
+            "aliases": dict(self.aliases), "skipped_candidates": list(self.skipped), "withheld": self.withheld,
+            "test_set": {"sha256": self.test_set_digest, "champion_sha256": self.champion_test_set_digest,
+                         "same": None if self.champion is None or self.champion_test_set_digest is None
+                         else self.test_change is None, "note": self.test_set_note,
+                         "change": None if self.test_change is None else {
+                             "added": self.test_change.added, "removed": self.test_change.removed,
+                             "shared": len(self.test_change.shared)}},
         }
 
 
@@ -194,13 +223,17 @@ def evaluate_model(model_uri: str, test: TestSet, gate: Gate, *, version: str | 
                       probabilities=probabilities, intervals=intervals, checksums=checksums)
 
 
-def compare(test: TestSet, candidate: Evaluation, champion: Evaluation | None, gate: Gate) -> PairedComparison | None:
-    """The paired bootstrap of candidate − champion score on the same test images (None without a champion)."""
+def compare(test: TestSet, candidate: Evaluation, champion: Evaluation | None, gate: Gate,
+            on: Sequence[int] | None = None) -> PairedComparison | None:
+    """The paired bootstrap of candidate − champion score on the same test images (None without a champion);
+    ``on``: only these indices (the images a changed test split shares with the champion's)."""
     if champion is None:
         return None
-    return paired_score_difference(test.labels, candidate.probabilities, candidate.threshold, champion.probabilities,
-                                   champion.threshold, test.patients, score_weight=gate.score_weight,
-                                   replicates=gate.replicates)
+    keep = np.arange(len(test.labels)) if on is None else np.asarray(on, dtype=int)
+    labels, patients = np.asarray(test.labels)[keep], np.asarray(test.patients)[keep]
+    return paired_score_difference(labels, np.asarray(candidate.probabilities)[keep], candidate.threshold,
+                                   np.asarray(champion.probabilities)[keep], champion.threshold, patients,
+                                   score_weight=gate.score_weight, replicates=gate.replicates)
 
 
 def version_tags(decision: Decision, fingerprint: str) -> dict[str, str]:
@@ -222,7 +255,7 @@ def version_tags(decision: Decision, fingerprint: str) -> dict[str, str]:
         "pneumo.n_test_images": str(decision.n_test_images), "pneumo.n_test_patients": str(decision.n_test_patients),
         "pneumo.gate": f"{decision.gate.mode}, margin {decision.gate.margin}, floors on {decision.gate.floors_on}",
         "pneumo.method": comparison.method if comparison else "",
-        TAG_FINGERPRINT: fingerprint, "pneumo.run_id": decision.run_id,
+        TAG_FINGERPRINT: fingerprint, "pneumo.run_id": decision.run_id, TAG_TEST_SET: decision.test_set_digest,
         "pneumo.parent_run_id": decision.parent_run_id,
     }
 

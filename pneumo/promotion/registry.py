@@ -13,18 +13,19 @@ from typing import Any, TypeVar
 
 from pneumo.config import Gate
 from pneumo.errors import PromotionError
-from pneumo.evaluation.holdout import TestSet
+from pneumo.evaluation.holdout import TestSet, TestSetChange, manifest_digest, test_set_change
 from pneumo.mlflow_client import EXISTS, MISSING, is_transient, mlflow_client, one_line, unless
 from pneumo.promotion.gate import (
     ALIASES, CHALLENGER, CHAMPION, PREVIOUS, Decision, Evaluation, compare, evaluate_model, floor_reasons, version_info,
     version_tags
 )
+from pneumo.promotion.audit import record_registration, recorded_test_set
 from pneumo.promotion.lock import promotion_lock
 from pneumo.promotion.runs import ranked_candidates
 from pneumo.promotion.tracking import (
     SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text
 )
-from pneumo.serving.integrity import IntegrityError, load_registered, record_checksums, recorded_checksums
+from pneumo.serving.integrity import IntegrityError, load_registered, recorded_checksums
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def _evaluate_best(client: Any, ranked: Sequence[Any], test: TestSet, gate: Gate
 def promote(
     parent_run_id: str, test: TestSet, *, gate: Gate, model_name: str, run_ids: Collection[str] | None = None,
     tracking_uri: str | None = None, dry_run: bool = False, lock_timeout: float = 600.0,
+    approval: dict[str, Any] | None = None, withhold: str | None = None,
 ) -> Decision:
     """Register the retraining's best candidate and move ``champion`` only if it passes the gate.
 
@@ -116,6 +118,9 @@ def promote(
     otherwise the new version gets ``challenger`` and a tag with the reason. The decision is logged
     on the parent run. If any step fails, the new version is deleted and the aliases are put back.
     ``run_ids`` limits which child runs compete; ``dry_run`` decides without writing anything.
+    The version's audit record (:mod:`pneumo.promotion.audit`) holds ``approval`` (who signed off);
+    ``withhold`` (a person rejected it, or nobody answered) registers it as challenger whatever the gate says.
+    When the test split changed since the champion's promotion, the comparison uses the images both hold.
 
     Raises:
         PromotionError: no candidate or test set, lock not obtained, or the registry failed (rolled back).
@@ -136,12 +141,16 @@ def promote(
         except IntegrityError as error:  # never compare against, or replace unseen, a champion someone changed
             raise PromotionError(f"champion version {current.version} cannot be compared: {error}; restore its "
                                  "files or roll back before promoting") from None
+        recorded, change, shared = _test_set_against(client, current, test)
         return Decision(
             model_name=model_name, candidate=best.data.tags.get(TAG_CANDIDATE, best.info.run_name),
             run_id=best.info.run_id, parent_run_id=parent_run_id, dry_run=dry_run,
             reasons=floor_reasons(gate, evaluation), validation_score=float(best.data.metrics[SCORE_METRIC]),
-            evaluation=evaluation, champion=champion, gate=gate, comparison=compare(test, evaluation, champion, gate),
+            evaluation=evaluation, champion=champion, gate=gate,
+            comparison=compare(test, evaluation, champion, gate, on=shared),
             n_test_images=len(test.images), n_test_patients=len(set(test.patients)), skipped=skipped,
+            test_set_digest=test.digest(), champion_test_set_digest=recorded, test_change=change,
+            compared_on_shared=shared is not None, withheld=withhold,
         )
 
     if dry_run:  # read-only: no lock, no registration
@@ -151,8 +160,29 @@ def promote(
     _ensure_registered_model(client, model_name)
     with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
         decision = decide()  # the champion is read under the lock: never a stale view
-        _apply(client, decision, best, lease)
+        _apply(client, decision, best, lease, test, approval)
     return decision
+
+
+def _test_set_against(client: Any, champion: Any, test: TestSet) -> tuple[str | None, TestSetChange | None,
+                                                                           list[int] | None]:
+    """The champion's recorded test-set digest, how the current split differs from it, and the indices to
+    compare on: those both hold, when each class keeps at least two shared images (else all: None)."""
+    if champion is None:
+        return None, None, None
+    try:
+        rows = recorded_test_set(client, champion)
+    except IntegrityError as error:  # comparing is still possible on the current split; say why not on the locked one
+        log.warning("%s; comparing on the current test split", error)
+        rows = None
+    if rows is None:
+        return None, None, None
+    recorded = manifest_digest(rows)
+    if recorded == test.digest():
+        return recorded, None, None
+    change = test_set_change(rows, test.manifest())
+    per_class = [sum(1 for index in change.shared if test.labels[index] == label) for label in (0, 1)]
+    return recorded, change, change.shared if min(per_class) >= 2 else None
 
 
 def _card(client: Any, decision: Decision, best: Any) -> str:
@@ -173,7 +203,8 @@ def _card(client: Any, decision: Decision, best: Any) -> str:
                       best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""))
 
 
-def _apply(client: Any, decision: Decision, best: Any, lease: Any) -> None:
+def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet,
+           approval: dict[str, Any] | None) -> None:
     """Register, move aliases, tag and log; undo everything if any step fails.
 
     ``lease.ensure_held()`` before each registry write: a holder that lost its lease (it stalled
@@ -184,9 +215,10 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any) -> None:
     created = None
     try:
         source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
-        # The checksums of the files the gate scored: every later load is verified against them.
+        # The checksums of the files the gate scored (every later load is verified against them), the
+        # locked test set and the audit bundle.
         tags = {**version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")),
-                **record_checksums(client, decision.run_id, decision.evaluation.checksums)}
+                **record_registration(client, decision, best, test, approval)}
         lease.ensure_held()
         created = client.create_model_version(name, source=source, run_id=decision.run_id, tags=tags,
                                               description=card, model_id=source.removeprefix("models:/"))
