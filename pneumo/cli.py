@@ -265,10 +265,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from pneumo.promotion.registry import rollback
+    from pneumo.promotion.registry import champion_info, rollback
 
     uri, model = _registry_target(args)
-    info = rollback(model, tracking_uri=uri)
+    expected = args.expect_champion
+    if expected is None:  # the champion the operator sees now: a promotion landing while this waits is not undone
+        seen = champion_info(model, tracking_uri=uri)
+        expected = seen["version"] if seen else None
+    info = rollback(model, tracking_uri=uri, expect_champion=expected)
     if args.json:
         _print_json(info)
     else:
@@ -432,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.set_defaults(handler=_cmd_promote)
 
     rollback = sub.add_parser("rollback", help="point champion back at previous-champion")
+    rollback.add_argument("--expect-champion", type=_version, metavar="N",
+                          help="roll back only if version N is still the champion once the promotion lock is "
+                          "held (default: the champion when the command starts)")
     _add_registry_flags(rollback)
     rollback.set_defaults(handler=_cmd_rollback)
 

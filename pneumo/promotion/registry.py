@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DECISION_TAG = "pneumo.decision"
 PREVIOUS_TAG = "pneumo.previous_champion"
 REASON_TAG = "pneumo.decision.reason"
+REPLACES_TAG = "pneumo.replaces"  # version tag: the champion a promoted version replaced (what rollback returns to)
 LOAD_RETRY_DELAYS = (2.0, 8.0)  # seconds before the second and third try of a transiently failed model load
 T = TypeVar("T")
 
@@ -212,6 +213,8 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet
     """
     name = decision.model_name
     before = _aliases(client, name)
+    remembered = (client.get_registered_model(name).tags or {}).get(PREVIOUS_TAG)
+    write = _fenced(client, lease)
     created = None
     try:
         source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
@@ -219,49 +222,87 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet
         # locked test set and the audit bundle.
         tags = {**version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")),
                 **record_registration(client, decision, best, test, approval)}
+        if decision.promoted and decision.champion is not None:
+            tags[REPLACES_TAG] = str(decision.champion.version)
         lease.ensure_held()
         created = client.create_model_version(name, source=source, run_id=decision.run_id, tags=tags,
                                               description=card, model_id=source.removeprefix("models:/"))
         log_text(client, decision.run_id, "model_card.md", card)
         decision.version = str(created.version)
         verdict = decision.outcome
-        lease.ensure_held()
         if decision.promoted:
-            # previous-champion first: a kill between the two writes never leaves it stale.
+            # previous-champion first: a kill between the two writes leaves champion == previous-champion,
+            # which rollback recognises and repairs (the new version's REPLACES_TAG names the real predecessor).
             if decision.champion is not None:
-                client.set_registered_model_alias(name, PREVIOUS, decision.champion.version)
+                write.set_registered_model_alias(name, PREVIOUS, decision.champion.version)
                 # Deleting a version drops its aliases; the tag remembers it so rollback can say so.
-                client.set_registered_model_tag(name, PREVIOUS_TAG, decision.champion.version)
-            client.set_registered_model_alias(name, CHAMPION, decision.version)
+                write.set_registered_model_tag(name, PREVIOUS_TAG, decision.champion.version)
+            write.set_registered_model_alias(name, CHAMPION, decision.version)
         else:
-            client.set_registered_model_alias(name, CHALLENGER, decision.version)
-        client.set_model_version_tag(name, decision.version, DECISION_TAG, verdict)
-        client.set_model_version_tag(name, decision.version, REASON_TAG, decision.reason[:5000])
+            write.set_registered_model_alias(name, CHALLENGER, decision.version)
+        write.set_model_version_tag(name, decision.version, DECISION_TAG, verdict)
+        write.set_model_version_tag(name, decision.version, REASON_TAG, decision.reason[:5000])
         decision.aliases = _aliases(client, name)
         _log_decision(client, decision)
     except BaseException as error:
-        _undo(client, name, before, created)
+        _undo(write, name, before, remembered, created)
         if isinstance(error, Exception):
             raise PromotionError(f"promotion of {decision.candidate} to {name} failed and was rolled back: "
                                  f"{one_line(error)}") from error
         raise
 
 
-def _undo(client: Any, name: str, before: dict[str, str], created: Any) -> None:
-    """Put the aliases back as they were and delete the version this promotion created."""
-    for alias in ALIASES:
+class _fenced:
+    """The client's registry writes, each after ``lease.ensure_held()``: a holder that lost the lock
+    (it stalled past its lease and someone took over) raises instead of overwriting the new holder's work."""
+
+    def __init__(self, client: Any, lease: Any) -> None:
+        self._client, self._lease = client, lease
+
+    def __getattr__(self, method: str) -> Any:
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            self._lease.ensure_held()
+            return getattr(self._client, method)(*args, **kwargs)
+
+        if method.startswith(("set_", "delete_", "create_")):
+            return fenced
+        return getattr(self._client, method)  # reads need no lock
+
+
+def _undo(write: _fenced, name: str, before: dict[str, str], remembered: str | None, created: Any) -> None:
+    """Put the aliases and the previous-champion tag back as they were and delete the version this
+    promotion created; stop at once if the lock was lost (the registry is then the new holder's)."""
+
+    def attempt(what: str, step: Callable[[], Any]) -> None:
         try:
-            if alias in before:
-                client.set_registered_model_alias(name, alias, before[alias])
-            elif _alias_version(client, name, alias) is not None:
-                client.delete_registered_model_alias(name, alias)
+            step()
+        except PromotionError:  # the lock is lost: stop undoing
+            raise
         except Exception:  # noqa: BLE001 - keep undoing the rest; the original error is raised
-            log.exception("could not restore alias %s of %s", alias, name)
-    if created is not None:
-        try:
-            client.delete_model_version(name, str(created.version))
-        except Exception:  # noqa: BLE001
-            log.exception("could not delete version %s of %s", created.version, name)
+            log.exception("could not restore %s of %s", what, name)
+
+    def restore_alias(alias: str) -> None:
+        if alias in before:
+            write.set_registered_model_alias(name, alias, before[alias])
+        elif _alias_version(write, name, alias) is not None:
+            write.delete_registered_model_alias(name, alias)
+
+    def restore_tag() -> None:
+        if (write.get_registered_model(name).tags or {}).get(PREVIOUS_TAG) == remembered:
+            return
+        if remembered is None:
+            write.delete_registered_model_tag(name, PREVIOUS_TAG)
+        else:
+            write.set_registered_model_tag(name, PREVIOUS_TAG, remembered)
+
+    try:
+        for alias in ALIASES:
+            attempt(f"alias {alias}", lambda alias=alias: restore_alias(alias))
+        attempt(f"tag {PREVIOUS_TAG}", restore_tag)
+        if created is not None:
+            attempt(f"version {created.version}", lambda: write.delete_model_version(name, str(created.version)))
+    except PromotionError as lost:  # never undo over another holder's promotion
+        log.error("%s: left the registry of %s as the new holder has it", lost, name)
 
 
 def _log_decision(client: Any, decision: Decision) -> None:
@@ -309,18 +350,58 @@ def _no_previous(client: Any, model_name: str) -> str:
     return f"{model_name} has no {PREVIOUS} version to roll back to"
 
 
-def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: float = 600.0) -> dict[str, Any]:
+def _repair_interrupted(client: Any, write: _fenced, model_name: str) -> Any:
+    """``previous-champion`` as rollback should see it, after repairing a promotion killed between its two
+    alias writes (champion == previous-champion): previous-champion goes back to the version the champion
+    replaced when it was promoted, or is removed when that is unknown or deleted."""
+    from mlflow.exceptions import MlflowException
+
+    previous, current = _alias_version(client, model_name, PREVIOUS), _alias_version(client, model_name, CHAMPION)
+    if previous is None or current is None or str(previous.version) != str(current.version):
+        return previous
+    replaced = dict(current.tags or {}).get(REPLACES_TAG)
+    try:
+        restored = client.get_model_version(model_name, replaced) if replaced else None
+    except MlflowException:
+        restored = None
+    if restored is None:
+        write.delete_registered_model_alias(model_name, PREVIOUS)
+        write.delete_registered_model_tag(model_name, PREVIOUS_TAG)
+        log.warning("%s: previous-champion pointed at the champion (version %s), left by an interrupted promotion; "
+                    "removed it (the version before is unknown)", model_name, current.version)
+        return None
+    write.set_registered_model_alias(model_name, PREVIOUS, str(restored.version))
+    write.set_registered_model_tag(model_name, PREVIOUS_TAG, str(restored.version))
+    log.warning("%s: previous-champion pointed at the champion (version %s), left by an interrupted promotion; "
+                "repaired it to version %s, the one the champion replaced", model_name, current.version,
+                restored.version)
+    return client.get_model_version(model_name, str(restored.version))
+
+
+def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: float = 600.0,
+             expect_champion: str | None = None) -> dict[str, Any]:
     """Point ``champion`` back at ``previous-champion`` under the promotion lock; returns the new champion's
     :func:`champion_info` plus ``rolled_back`` (the demoted version, tagged ``pneumo.rolled_back``).
 
     ``previous-champion`` is removed, so a second rollback fails instead of flip-flopping.
+    ``expect_champion``: the version the operator means to roll back; when a promotion moved the
+    champion while this waited for the lock, nothing changes. A state an interrupted promotion left
+    (champion == previous-champion) is repaired first.
 
     Raises:
-        PromotionError: no previous champion (or it was deleted), or its model does not load (nothing changes).
+        PromotionError: the champion is not ``expect_champion``, no previous champion (or it was deleted),
+            or its model does not load (nothing changes).
     """
     client = mlflow_client(tracking_uri)
     with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
-        previous = _alias_version(client, model_name, PREVIOUS)
+        write = _fenced(client, lease)
+        current = _alias_version(client, model_name, CHAMPION)
+        seen = None if current is None else str(current.version)
+        if expect_champion is not None and seen != str(expect_champion):
+            raise PromotionError(f"{model_name}'s champion is {f'version {seen}' if seen else 'unset'}, not the "
+                                 f"expected version {expect_champion} (it moved while this waited): nothing changed; "
+                                 "check `pneumo champion` and run the rollback again if still wanted")
+        previous = _repair_interrupted(client, write, model_name)
         if previous is None:
             raise PromotionError(_no_previous(client, model_name))
         try:
@@ -328,14 +409,12 @@ def rollback(model_name: str, *, tracking_uri: str | None = None, lock_timeout: 
         except Exception as error:  # noqa: BLE001 - any failure means apps could not load it either
             raise PromotionError(f"{model_name} version {previous.version} ({PREVIOUS}) does not load, so the "
                                  f"champion stays: {one_line(error)}") from None
-        current = _alias_version(client, model_name, CHAMPION)
-        lease.ensure_held()
-        client.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
-        client.delete_registered_model_alias(model_name, PREVIOUS)
-        client.delete_registered_model_tag(model_name, PREVIOUS_TAG)
+        write.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
+        write.delete_registered_model_alias(model_name, PREVIOUS)
+        write.delete_registered_model_tag(model_name, PREVIOUS_TAG)
         if current is not None:
-            client.set_model_version_tag(model_name, str(current.version), "pneumo.rolled_back",
-                                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            write.set_model_version_tag(model_name, str(current.version), "pneumo.rolled_back",
+                                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         info = version_info(client.get_model_version(model_name, str(previous.version)),
                              _aliases(client, model_name))
     info["rolled_back"] = str(current.version) if current is not None else None
