@@ -17,6 +17,9 @@ METRICS: tuple[str, ...] = (
 )
 Mode = Literal["superiority", "non-inferiority"]
 Verdict = Literal["better", "not-better", "undecided"]
+# A score-difference interval wider than this (10 points of score) says the test split is too small
+# to tell; a narrower one straddling the bar says the challenger is not shown better.
+WIDE_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -252,11 +255,17 @@ class PairedComparison:
         return "undecided"
 
     def describe(self, margin: float = 0.0, mode: Mode = "superiority") -> str:
-        """The verdict as one line for the decision record, e.g. "undecided: ..., difference 0.012 [-0.031, 0.055]"."""
+        """The verdict as one line for the decision record, e.g. "better: difference 0.032 [0.011, 0.054] …"."""
         verdict, bar = self.verdict(margin, mode), self._bar(margin, mode)
         difference = f"difference {self.diff:.3f} [{self.low:.3f}, {self.high:.3f}]"
         if verdict == "undecided":
-            return f"undecided: the test split is too small to tell, {difference}"
+            if not (math.isfinite(self.low) and math.isfinite(self.high)):
+                return f"cannot tell: the interval is undefined, {difference}"
+            shown = "better" if mode == "superiority" else "non-inferior"
+            line = f"not shown {shown}: {difference} straddles {bar:.3f}"
+            # Only a wide interval is the split's fault; a narrow one straddling the bar is the answer.
+            return line + ("; the interval is wide: a larger test split would narrow it"
+                           if self.high - self.low > WIDE_INTERVAL else "")
         if mode == "superiority":
             if verdict == "better":
                 return f"better: {difference} clears the margin {bar:.3f}"

@@ -257,10 +257,24 @@ def test_small_test_split_is_undecided() -> None:
     assert small.diff == pytest.approx((2 * 2 / 40 - 3 / 40) / 3)
     assert small.low < 0 < small.high
     assert small.verdict(0.0) == "undecided"
+    assert small.high - small.low > 0.1  # 80 images: wide, so the split is what cannot tell
     assert small.describe(0.0) == (
-        f"undecided: the test split is too small to tell, difference {small.diff:.3f} "
-        f"[{small.low:.3f}, {small.high:.3f}]"
+        f"not shown better: difference {small.diff:.3f} [{small.low:.3f}, {small.high:.3f}] straddles 0.000; "
+        "the interval is wide: a larger test split would narrow it"
     )
+
+
+def test_a_narrow_interval_straddling_the_bar_is_not_blamed_on_the_split_size() -> None:
+    from pneumo.evaluation.stats import PairedComparison
+
+    narrow = PairedComparison(diff=-0.005, low=-0.021, high=0.011, p_better=0.3, method="paired bootstrap",
+                              n_images=1000, n_patients=900)
+    assert narrow.describe(0.0) == "not shown better: difference -0.005 [-0.021, 0.011] straddles 0.000"
+    assert narrow.describe(0.02, "non-inferiority") == (
+        "not shown non-inferior: difference -0.005 [-0.021, 0.011] straddles -0.020")
+    undefined = PairedComparison(diff=math.nan, low=math.nan, high=math.nan, p_better=math.nan,
+                                 method="paired bootstrap", n_images=2, n_patients=2)
+    assert undefined.describe(0.0).startswith("cannot tell: the interval is undefined")
 
 
 @pytest.mark.parametrize(
