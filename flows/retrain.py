@@ -1,6 +1,8 @@
-"""Prefect retraining flow: ingest → validate → train candidates in parallel → promote → report.
+"""Prefect retraining flow: ingest → validate → train candidates in parallel → [approve] → promote → report.
 
 Each task is one call into :mod:`pneumo.pipeline`; this file only wires them and shows the result.
+With ``gate.approval: required`` the flow pauses for a person's sign-off (Prefect's input form)
+before a candidate that passes the gate becomes champion (docs/governance.md, "Approval").
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
-from prefect.states import Completed, State
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.states import Completed, Running, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from pneumo import pipeline
 from pneumo.config import Settings
@@ -24,6 +31,9 @@ from pneumo.errors import PneumoError, redact
 from pneumo.mlflow_client import check_tracking_server
 from pneumo.params import RetrainParams
 from pneumo.promotion import tracking
+from pneumo.promotion.approval import (
+    approval_lines, approval_markdown, approval_record, not_asked, now_iso, withhold_reason, would_promote
+)
 from pneumo.promotion.leaderboard import decision_markdown, leaderboard_records
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
@@ -87,13 +97,99 @@ def train_candidate(name: str, manifest: list[Record], params: RetrainParams, pa
 
 # Transient failures only (a tracking or store blip): the gate undoes a failed promotion, so a retry starts clean.
 @task(name="select-and-promote", retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=_retry_transient)
-def select_and_promote(params: RetrainParams, parent_run_id: str, run_ids: list[str],
-                       test_manifest: list[Record]) -> Record:
-    """Register the best of this retraining's candidates; move the champion alias only if it passes the gate."""
+def select_and_promote(params: RetrainParams, parent_run_id: str, run_ids: list[str], test_manifest: list[Record],
+                       approval: Record | None = None, withhold: str | None = None) -> Record:
+    """Register the best of this retraining's candidates; move the champion alias only if it passes the gate
+    (and, when ``withhold`` says nobody signed off, not even then)."""
     started = time.perf_counter()
-    decision = pipeline.promote_best(params, parent_run_id, run_ids, _frame(test_manifest), Settings()).record()
+    decision = pipeline.promote_best(params, parent_run_id, run_ids, _frame(test_manifest), Settings(),
+                                     approval=approval, withhold=withhold).record()
     get_run_logger().info("promotion: %s: %s", decision["outcome"], decision["reason"])
-    return {**decision, "seconds": time.perf_counter() - started}
+    return {**decision, "approval": approval, "seconds": time.perf_counter() - started}
+
+
+@task(name="propose-promotion", retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=_retry_transient)
+def propose_promotion(params: RetrainParams, parent_run_id: str, run_ids: list[str],
+                      test_manifest: list[Record]) -> Record:
+    """What the gate would decide now, written nowhere (a dry run): what the approver is shown."""
+    proposed = pipeline.promote_best(params, parent_run_id, run_ids, _frame(test_manifest), Settings(),
+                                     dry_run=True).record()
+    get_run_logger().info("proposed promotion: %s: %s", proposed["outcome"], proposed["reason"])
+    return proposed
+
+
+# ----------------------------------------------------------------------------- approval (gate.approval: required)
+APPROVAL_KEY = "approval"  # the pause key: one sign-off per flow run
+APPROVAL_POLL_SECONDS = 2  # how often the paused run asks the server whether it was resumed (one cheap GET)
+
+
+class ApprovalInput(RunInput):
+    """The form Prefect's UI shows on a paused retraining ("Resume"): approve or reject, who, and why."""
+
+    approve: bool = Field(False, description="Tick to promote this candidate to champion; leave unticked to "
+                                             "reject it (it is registered as challenger and champion stays).")
+    approver: str = Field(min_length=1, max_length=200, description="Your name, recorded on the version.")
+    reason: str = Field(min_length=1, max_length=2000, description="Why: recorded on the version and its model card.")
+
+
+def _prefect_sender(flow_run_id: str) -> str | None:
+    """Who Prefect recorded as the sender of the approval input, if anyone (the open-source server records
+    nobody; then the name typed in the form is the approver)."""
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        found = client.filter_flow_run_input(flow_run_id, key_prefix=f"paused-{APPROVAL_KEY}-response", limit=1,
+                                             exclude_keys=set())
+        return found[0].sender if found and found[0].sender else None
+    return None
+
+
+def _running_again(flow_run_id: str) -> None:
+    """After the pause timed out, set this run back to Running so it can register the version as challenger.
+
+    Prefect leaves an expired pause PAUSED, refuses new task runs while it is, and turns any later state
+    of the run into Failed; forcing Running is the one way to record the timeout and finish cleanly.
+    """
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Running(message="approval timed out: registering the version as "
+                                                               "challenger"), force=True)
+
+
+def ask_for_approval(params: RetrainParams, proposed: Record) -> Record:
+    """Pause this flow run with Prefect's input form until a person approves or rejects the proposed promotion,
+    or ``gate.approval_timeout`` passes; returns the approval record (approved, rejected or timed out).
+
+    A flow-level call, not a task: pausing is the flow run's own state.
+    """
+    logger, timeout, asked_at = get_run_logger(), params.gate.approval_timeout, now_iso()
+    flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
+    logger.warning("approval required: %s passes the gate; waiting up to %d s for a person to approve or reject "
+                   "it (Prefect UI: this flow run, Resume)", proposed["candidate"], timeout)
+    form = ApprovalInput.with_initial_data(description=approval_markdown(proposed, params.tracking_uri, timeout))
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=APPROVAL_POLL_SECONDS,
+                                key=APPROVAL_KEY)
+    except FlowPauseTimeout:
+        _running_again(flow_run_id)
+        logger.warning("no approval within %d s: the version is registered as challenger", timeout)
+        return approval_record("timed out", asked_at=asked_at, timeout_seconds=timeout, flow_run_id=flow_run_id)
+    sender = _prefect_sender(flow_run_id)
+    record = approval_record("approved" if answer.approve else "rejected", approver=sender or answer.approver,
+                             reason=answer.reason, asked_at=asked_at, timeout_seconds=timeout,
+                             approver_source="prefect" if sender else "typed", flow_run_id=flow_run_id)
+    logger.info("%s by %s: %s", record["status"], record["approver"], record["reason"])
+    return {**record, "approver_typed": answer.approver}
+
+
+def _promote(params: RetrainParams, parent_run_id: str, run_ids: list[str], test_manifest: list[Record]) -> Record:
+    """Promote as the gate says; with ``gate.approval: required`` a person signs off first (only if it passes)."""
+    if params.gate.approval == "none":
+        return select_and_promote(params, parent_run_id, run_ids, test_manifest)
+    proposed = propose_promotion(params, parent_run_id, run_ids, test_manifest)
+    if not would_promote(proposed):  # nothing to sign: it becomes a challenger as it would unattended
+        return select_and_promote(params, parent_run_id, run_ids, test_manifest, approval=not_asked())
+    approval = ask_for_approval(params, proposed)
+    # The gate decides again under the lock: an approval never promotes a candidate that fails it by then.
+    return select_and_promote(params, parent_run_id, run_ids, test_manifest, approval=approval,
+                              withhold=withhold_reason(approval))
 
 
 def _failed(name: str, error: BaseException | str) -> Record:
@@ -144,12 +240,14 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
     decision = None
     if survivors:
         test_manifest = [r for r in manifest if r["subset"] == "test"]
-        decision = select_and_promote(params, parent_run_id, [c["run_id"] for c in survivors], test_manifest)
+        decision = _promote(params, parent_run_id, [c["run_id"] for c in survivors], test_manifest)
     rows = leaderboard_records(candidates, decision, params.tracking_uri)
     tracking.log_leaderboard(parent_run_id, rows, tracking_uri=params.tracking_uri)
     create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
                           "threshold; score = recall-weighted mean on validation")
-    create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri), key="promotion-decision")
+    approval = "\n".join(approval_lines((decision or {}).get("approval")))
+    create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri)
+                             + (f"\n{approval}\n" if approval else ""), key="promotion-decision")
     return candidates, decision, rows
 
 

@@ -63,6 +63,12 @@ class Gate(Strict):
         "non-inferiority: > -margin (take the newer data's model unless it is worse).")
     score_weight: float = Field(2.0, ge=0, le=100, description="w in the score (w·recall + specificity)/(w+1).")
     replicates: int = Field(2000, ge=200, le=100_000, description="Bootstrap replicates (patients resampled).")
+    approval: Literal["none", "required"] = Field(
+        "none", description="required: a candidate that passes the gate waits for a person to approve it in the "
+        "Prefect UI before champion moves (none: promoted unattended, as in the demo and CI).")
+    approval_timeout: int = Field(
+        86_400, ge=1, le=30 * 86_400, description="Seconds to wait for that approval (1 s to 30 days); no answer "
+        "in time counts as a rejection: the version is registered as challenger.")
 
 
 class Settings(BaseSettings):

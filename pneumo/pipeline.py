@@ -585,9 +585,13 @@ def dataset_changes(params: WatchParams, settings: Settings, *, log: Log = print
 # ----------------------------------------------------------------------------- promotion
 def promote_best(
     params: RetrainParams, parent_run_id: str, run_ids: Sequence[str], test_manifest: pd.DataFrame,
-    settings: Settings, *, dry_run: bool = False,
+    settings: Settings, *, dry_run: bool = False, approval: dict[str, Any] | None = None, withhold: str | None = None,
 ) -> Any:
-    """Evaluate this retraining's best candidate on the test split and gate it against the champion."""
+    """Evaluate this retraining's best candidate on the test split and gate it against the champion.
+
+    ``approval`` (a person's sign-off, :mod:`pneumo.promotion.approval`) is recorded on the version;
+    ``withhold`` (why nobody signed off) keeps it a challenger whatever the gate says.
+    """
     from pneumo.evaluation.holdout import read_test_set
     from pneumo.promotion import registry
 
@@ -596,4 +600,5 @@ def promote_best(
         test = read_test_set(root, test_manifest, min_per_class=params.min_images_per_class)
         return registry.promote(parent_run_id, test, gate=params.gate,
                                 run_ids=run_ids, tracking_uri=params.tracking_uri,
-                                model_name=params.registered_model, dry_run=dry_run)
+                                model_name=params.registered_model, dry_run=dry_run, approval=approval,
+                                withhold=withhold)

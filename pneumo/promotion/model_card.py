@@ -30,11 +30,23 @@ def _calibration(logged: str | None) -> str:
     return "uncalibrated (calibration did not help on validation)"
 
 
+def _approval_section(record: Mapping[str, Any], approval: Mapping[str, Any] | None) -> list[str]:
+    """Who signed off (or why nobody did), followed by a blank line; nothing when approval was not required."""
+    from pneumo.promotion.approval import approval_lines
+
+    lines = approval_lines(approval)
+    if not lines and record.get("withheld"):  # the record alone still says why champion did not move
+        lines = ["## Approval", f"- not signed off: {record['withheld']}"]
+    return [*lines, ""] if lines else []
+
+
 def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_metrics: Mapping[str, float],
-               data_report: Mapping[str, Any] | None, source: str, fingerprint: str) -> str:
+               data_report: Mapping[str, Any] | None, source: str, fingerprint: str,
+               approval: Mapping[str, Any] | None = None) -> str:
     """The card as Markdown (under :data:`MAX_DESCRIPTION` characters, so it fits a version description).
 
-    ``record`` is the promotion decision (``Decision.record()``); params and metrics are the candidate run's.
+    ``record`` is the promotion decision (``Decision.record()``); params and metrics are the candidate run's;
+    ``approval`` the sign-off record (:mod:`pneumo.promotion.approval`) when the gate required one.
     """
     name, test = record["candidate"], record["metrics"]
     intervals = record.get("intervals") or {}
@@ -92,6 +104,7 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
         f"{gate.get('floors_on', '?')}; {record.get('n_test_images', '?')} test images, "
         f"{record.get('n_test_patients', '?')} patients.",
         "",
+        *_approval_section(record, approval),
         "## Evidence",
         "- Heatmaps over test examples (true/false positives/negatives): the run's `plots/gradcam.png`; "
         "the served model returns one per image with `params={\"explain\": true}`.",
