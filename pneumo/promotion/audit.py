@@ -43,9 +43,10 @@ def _canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def _log_addressed(client: Any, run_id: str, folder: str, data: bytes) -> str:
-    """Log ``data`` as ``folder/<sha256>.json`` (never overwrites different content); returns the digest."""
-    digest = hashlib.sha256(data).hexdigest()
+def _log_addressed(client: Any, run_id: str, folder: str, data: bytes, digest: str | None = None) -> str:
+    """Log ``data`` as ``folder/<digest>.json`` (its SHA-256 unless given: never overwrites different
+    content); returns the digest."""
+    digest = digest or hashlib.sha256(data).hexdigest()
     with tempfile.TemporaryDirectory(prefix="pneumo-audit-") as tmp:
         path = Path(tmp) / f"{digest}.json"
         path.write_bytes(data)
@@ -80,13 +81,8 @@ def installed_packages() -> list[str]:
 # ----------------------------------------------------------------------------- the locked test set
 def log_test_set(client: Any, run_id: str, test: TestSet) -> str:
     """Log the test manifest to ``run_id`` as ``test_sets/<digest>.json``; returns the digest (:meth:`TestSet.digest`)."""
-    digest = test.digest()
     rows = sorted(test.manifest(), key=lambda row: (row["path"], row["sha256"]))
-    with tempfile.TemporaryDirectory(prefix="pneumo-audit-") as tmp:
-        path = Path(tmp) / f"{digest}.json"
-        path.write_bytes(_canonical(rows))
-        client.log_artifact(run_id, str(path), TEST_SETS_FOLDER)
-    return digest
+    return _log_addressed(client, run_id, TEST_SETS_FOLDER, _canonical(rows), test.digest())
 
 
 def recorded_test_set(client: Any, version: Any) -> list[dict[str, Any]] | None:
