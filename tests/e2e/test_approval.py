@@ -236,3 +236,15 @@ def test_a_person_approves_through_the_prefect_ui_form(setup: Setup, prefect_ui_
     assert state.is_completed() and decision["outcome"] == "promoted", decision
     assert setup.champion() == decision["version"] != before
     assert setup.version(decision["version"]).tags["pneumo.approval"].startswith("approved by Dr. Mary Jackson at ")
+
+
+def test_a_candidate_that_fails_the_gate_is_never_put_to_a_person(setup: Setup, prefect_server) -> None:
+    before = setup.champion()
+    failing = setup.params.gate.model_copy(update={"min_specificity": 1.0})  # no 95 % lower bound reaches 1
+    done, name = _start(setup, prefect_server, setup.params.model_copy(update={"gate": failing}))
+    state, decision = _outcome(done)
+    assert state.is_completed() and decision["outcome"] == "challenger", decision
+    assert setup.champion() == before
+    states = _api(prefect_server, "GET", f"/flow_run_states/?flow_run_id={_run(prefect_server, name)['id']}")
+    assert "PAUSED" not in [s["type"] for s in states]  # nobody was asked
+    assert setup.version(decision["version"]).tags["pneumo.approval"].startswith("not asked by nobody at ")
