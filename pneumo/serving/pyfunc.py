@@ -67,6 +67,8 @@ def _items(model_input: Any) -> list[Any]:
     if isinstance(model_input, (bytes, bytearray, memoryview, str)):
         return [model_input]
     if isinstance(model_input, np.ndarray):
+        if model_input.ndim == 0:  # `{"inputs": 5}`: one number is not an image (and list() of it would fail)
+            raise InvalidImageError(f"a single {model_input.dtype} value is not an image: send a list of images")
         if model_input.dtype.kind in "OSUa" and (model_input.ndim == 1 or model_input.shape[1:] == (1,)):
             return list(model_input.reshape(-1))  # 1-D, or the REST ``inputs`` form of one column
         if model_input.dtype.kind in "uif":
