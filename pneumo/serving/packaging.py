@@ -67,8 +67,12 @@ def _pyfunc_spec(model: Any, *, threshold: float, image_size: int, candidate: st
 
     import pneumo
 
-    # No input schema on purpose: MLflow's enforcement would reject lists of differently sized
-    # arrays; predict() validates every item itself and names the bad one.
+    # No input schema on purpose (checked against MLflow 3.17, #23; tests/serving/test_signature.py):
+    # load_model enforces any declared schema before predict() runs, and no AnyType schema keeps every
+    # accepted form. A named ColSpec(AnyType(), "image") rejects bytes, lists, Series, base64 lists
+    # and arrays; an unnamed ColSpec(AnyType()) rejects tuples, bytearray, lists of differently sized
+    # arrays, single and stacked arrays, and the REST body {"inputs": {"image": [...]}}. predict()
+    # validates every item itself and names the bad one; the logged input example shows the format.
     outputs = Schema([ColSpec("double", "probability"), ColSpec("string", "label"),
                       ColSpec("string", "heatmap", required=False)])
     signature = ModelSignature(inputs=None, outputs=outputs,
