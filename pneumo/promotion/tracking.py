@@ -280,7 +280,7 @@ def log_candidate(
             "intervals": result.intervals, "history": result.history})
         if data_report is not None:
             log_json(client, run_id, "data_report.json", data_report)
-        keras_uri = log_keras_model(client, run_id, result.model, config.image_size)
+        keras_uri = log_keras_model(client, run_id, result.model, config.image_size, candidate=result.name)
         serving_uri = log_serving_model(client, run_id, result.model, threshold=result.threshold,
                                         image_size=config.image_size, candidate=result.name,
                                         calibration=result.calibration)

@@ -21,6 +21,8 @@ from pneumo.serving.pyfunc import INPUT_COLUMN, KERAS_ARTIFACT
 
 KERAS_MODEL_NAME = "model"
 SERVING_MODEL_NAME = "serving_model"
+# Logged models are named "<candidate>-<role>" (cnn-serving, cnn-keras) so the experiment's Models tab
+# tells them apart (#27, item 2); everything else finds them by URI (models:/<id>), never by name.
 # Distributions the served model imports; pinned to what logged it so a fresh env matches.
 _REQUIREMENTS: tuple[tuple[str, ...], ...] = (
     ("mlflow", "mlflow-skinny"), ("tensorflow", "tensorflow-cpu"), ("keras",), ("numpy",),
@@ -105,6 +107,13 @@ def save_serving_model(path: Path, model: Any, *, threshold: float, image_size: 
     return Path(path)
 
 
+def logged_model_name(candidate: str | None, role: str) -> str:
+    """``<candidate>-<role>``, or the old fixed name where the caller does not say the candidate."""
+    if not candidate:
+        return {"serving": SERVING_MODEL_NAME, "keras": KERAS_MODEL_NAME}[role]
+    return f"{candidate}-{role}"
+
+
 def _logged_model_id(client: Any, run_id: str, name: str) -> str:
     """A logged model created in the run's own experiment (MLflow would otherwise use experiment 0)."""
     experiment_id = client.get_run(run_id).info.experiment_id
@@ -120,8 +129,9 @@ def log_serving_model(client: Any, run_id: str, model: Any, *, threshold: float,
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
     with _pyfunc_spec(model, threshold=threshold, image_size=image_size, candidate=candidate,
                       calibration=calibration) as spec:
-        info = Model.log(artifact_path=None, name=SERVING_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-                         model_id=_logged_model_id(client, run_id, SERVING_MODEL_NAME),
+        name = logged_model_name(candidate, "serving")
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         model_id=_logged_model_id(client, run_id, name),
                          input_example=example, **spec)
     return info.model_uri
 
@@ -140,7 +150,7 @@ class _KerasFlavor:
         return mlflow.keras.save_model(path=path, **kwargs)
 
 
-def log_keras_model(client: Any, run_id: str, model: Any, image_size: int) -> str:
+def log_keras_model(client: Any, run_id: str, model: Any, image_size: int, candidate: str | None = None) -> str:
     """Log the bare Keras network (``mlflow.keras`` flavor) with a tensor signature and an example; returns its URI."""
     import keras
     from mlflow.models import Model, infer_signature
@@ -149,7 +159,21 @@ def log_keras_model(client: Any, run_id: str, model: Any, image_size: int) -> st
     keras.config.disable_interactive_logging()
     example = np.full((1, image_size, image_size, 3), 128.0, dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example), dtype=np.float32))
-    info = Model.log(artifact_path=None, name=KERAS_MODEL_NAME, flavor=_KerasFlavor, run_id=run_id, model=model,
-                     model_id=_logged_model_id(client, run_id, KERAS_MODEL_NAME), signature=signature,
+    name = logged_model_name(candidate, "keras")
+    info = Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, run_id=run_id, model=model,
+                     model_id=_logged_model_id(client, run_id, name), signature=signature,
                      input_example=example, pip_requirements=pip_requirements())
     return info.model_uri
+
+
+def link_registered_version(client: Any, logged_model_id: str, name: str, version: str | int) -> None:
+    """Record on the logged model that registry version ``name``/``version`` uses it, as
+    ``mlflow.register_model`` does: ``create_model_version(..., model_id=...)`` skips this tag, and
+    the experiment's Models tab reads its "Registered models" column from it (#27, item 2)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    existing = client.get_logged_model(logged_model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    links = json.loads(existing) if existing else []
+    entry = {"name": name, "version": int(version)}  # a JSON number, as register_model writes it
+    if entry not in links:  # idempotent: a retried promotion links once
+        client.set_logged_model_tags(logged_model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links + [entry])})
