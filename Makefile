@@ -19,4 +19,4 @@ test: $(BIN)/.installed
 	$(BIN)/pytest
 
 clean:
-	rm -rf .pneumo
+	rm -rf .pneumo mlruns  # mlruns: artifacts of demos run before #27 item 6 put them under .pneumo

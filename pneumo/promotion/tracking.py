@@ -117,6 +117,17 @@ def _log_dataset(client: Any, run_id: str, entity: Any, context: str) -> None:
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """``mlruns`` beside a local SQLite database (so under the PNEUMO home by default), else the server's choice.
+
+    Without it MLflow gives a new experiment ``./mlruns`` of the working directory (#27, item 6)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or tracking_uri == prefix + ":memory:":
+        return None
+    database = Path(tracking_uri[len(prefix):].split("?", 1)[0])
+    return (database.resolve().parent / "mlruns").as_uri()
+
+
 def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -126,7 +137,7 @@ def _experiment_id(client: Any, name: str) -> str:
             client.restore_experiment(found.experiment_id)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=default_artifact_location(client.tracking_uri))
     except MlflowException:  # another retraining created it a moment ago
         found = client.get_experiment_by_name(name)
         if found is None:
