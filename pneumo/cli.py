@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "held for reading, waiting at most PNEUMO_CACHE_LOCK_TIMEOUT seconds (default 1800)")
     promote.add_argument("--experiment", help="MLflow experiment (default PNEUMO_EXPERIMENT)")
     promote.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
-    _add_model_flags(promote, Gate)
+    # Not the approval fields: only the retrain flow can pause for a person's sign-off.
+    _add_model_flags(promote, Gate, only=[name for name in Gate.model_fields if not name.startswith("approval")])
     _add_registry_flags(promote)
     promote.set_defaults(handler=_cmd_promote)
 

@@ -155,6 +155,8 @@ def approval_summary(approval: dict[str, Any] | None) -> str:
     """One line for the version tag and the card."""
     if not approval or not approval.get("required"):
         return "not required"
+    if approval.get("status") == "not asked":  # the gate did not pass: nobody was asked
+        return f"not asked: {approval.get('reason', '')}"
     return f"{approval.get('status')} by {approval.get('approver')} at {approval.get('at')}: {approval.get('reason', '')}"
 
 

@@ -26,6 +26,7 @@ from pneumo.promotion.tracking import (
     SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text
 )
 from pneumo.serving.integrity import IntegrityError, load_registered, recorded_checksums
+from pneumo.serving.packaging import link_registered_version
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ def _test_set_against(client: Any, champion: Any, test: TestSet) -> tuple[str | 
     return recorded, change, change.shared if min(per_class) >= 2 else None
 
 
-def _card(client: Any, decision: Decision, best: Any) -> str:
-    """The version's model card, from the candidate run and the retraining's data report."""
+def _card(client: Any, decision: Decision, best: Any, approval: dict[str, Any] | None) -> str:
+    """The version's model card, from the candidate run, the retraining's data report and the sign-off."""
     import json
     import tempfile
     from pathlib import Path
@@ -201,7 +202,7 @@ def _card(client: Any, decision: Decision, best: Any) -> str:
         except Exception:  # noqa: BLE001 - a retraining logged without a report still gets a card
             log.warning("retraining %s has no data_report.json; the card omits the counts", decision.parent_run_id)
     return model_card(decision.record(), best.data.params, best.data.metrics, report,
-                      best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""))
+                      best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""), approval=approval)
 
 
 def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet,
@@ -217,7 +218,7 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet
     write = _fenced(client, lease)
     created = None
     try:
-        source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best)
+        source, card = best.data.tags[TAG_SERVING_MODEL], _card(client, decision, best, approval)
         # The checksums of the files the gate scored (every later load is verified against them), the
         # locked test set and the audit bundle.
         tags = {**version_tags(decision, best.data.tags.get(TAG_FINGERPRINT, "")),
@@ -227,6 +228,8 @@ def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet
         lease.ensure_held()
         created = client.create_model_version(name, source=source, run_id=decision.run_id, tags=tags,
                                               description=card, model_id=source.removeprefix("models:/"))
+        # What mlflow.register_model writes and create_model_version skips: the UI's "Registered models" column.
+        link_registered_version(client, source.removeprefix("models:/"), name, created.version)
         log_text(client, decision.run_id, "model_card.md", card)
         decision.version = str(created.version)
         verdict = decision.outcome

@@ -174,6 +174,7 @@ def test_required_approval_pauses_and_approve_promotes_recording_the_approver(se
     version = setup.version(decision["version"])
     assert version.tags["pneumo.approval"].startswith("approved by Dr. Ada Lovelace at ")
     assert version.tags["pneumo.approval"].endswith(": reviewed the paired test and the heatmaps")
+    assert "## Approval\n- **approved** by Dr. Ada Lovelace at " in version.description  # the model card
     approval = decision["approval"]
     assert approval["status"] == "approved" and approval["approver_source"] == "typed"
     assert approval["flow_run_id"] == run["id"]
@@ -247,4 +248,4 @@ def test_a_candidate_that_fails_the_gate_is_never_put_to_a_person(setup: Setup, 
     assert setup.champion() == before
     states = _api(prefect_server, "GET", f"/flow_run_states/?flow_run_id={_run(prefect_server, name)['id']}")
     assert "PAUSED" not in [s["type"] for s in states]  # nobody was asked
-    assert setup.version(decision["version"]).tags["pneumo.approval"].startswith("not asked by nobody at ")
+    assert setup.version(decision["version"]).tags["pneumo.approval"].startswith("not asked: the statistical gate did not pass")
