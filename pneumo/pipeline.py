@@ -187,6 +187,8 @@ def run_candidate(
         validation = _metrics(val_true, val_raw, val_prob, threshold)
         test = _metrics(test_true, test_raw, test_prob, threshold)
         score = metrics.selection_score(validation["recall"], validation["specificity"], score_weight)
+        # The score the gate compares, beside its interval (test.selection_score.ci_low/high): #27 item 1.
+        test["selection_score"] = metrics.selection_score(test["recall"], test["specificity"], score_weight)
         intervals = {}
         for split, labels, probs in (("validation", val_true, val_prob), ("test", test_true, test_prob)):
             found = metric_intervals(labels, probs, threshold, _patients(data.frame, split, len(labels), log),

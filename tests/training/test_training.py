@@ -36,6 +36,9 @@ def test_cnn_learns_the_generated_signal(cnn_result) -> None:
 def test_candidate_run_reports_metrics_threshold_and_artifacts(cnn_result) -> None:
     assert cnn_result.validation["recall"] >= 0.95  # the tuned threshold keeps the target
     assert 0 < cnn_result.score <= 1
+    # The test score the gate compares is logged with its interval (2·recall + specificity)/3 by default.
+    test = cnn_result.test
+    assert test["selection_score"] == pytest.approx((2 * test["recall"] + test["specificity"]) / 3)
     assert set(cnn_result.history) >= {"loss", "val_loss", "auc", "val_auc"}
     for name in ("confusion_matrix", "roc", "pr", "training_curves"):
         assert Path(cnn_result.artifacts[name]).stat().st_size > 0
