@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pneumo.promotion.leaderboard import ui_address, with_interval
+from pneumo.promotion.leaderboard import decision_numbers, ui_address
 
 Record = dict[str, Any]
 Status = Literal["approved", "rejected", "timed out", "not asked"]
@@ -67,20 +67,10 @@ def _mlflow_links(proposed: Mapping[str, Any], tracking_uri: str) -> list[str]:
 
 def approval_markdown(proposed: Mapping[str, Any], tracking_uri: str, timeout_seconds: int) -> str:
     """What the approver reads above the Prefect form: the gate's decision with its numbers and links."""
-    metrics, intervals = proposed.get("metrics") or {}, proposed.get("intervals") or {}
     gate = proposed.get("gate") or {}
     lines = [f"## Approve {proposed['candidate']} as champion of {proposed['model_name']}?", "",
-             f"The statistical gate passed: {proposed['reason']}.", "",
-             f"- test split: {proposed.get('n_test_images')} images, {proposed.get('n_test_patients')} patients; "
-             f"threshold {proposed.get('threshold', 0.0):.4f}"]
-    lines += [f"- test {metric}: {with_interval(metrics[metric], intervals.get(metric))}"
-              for metric in ("recall", "specificity", "roc_auc") if metric in metrics]
-    lines.append(f"- test score: {proposed.get('score', 0.0):.4f}")
-    if proposed.get("champion_version"):
-        lines.append(f"- champion version {proposed['champion_version']}: score {proposed['champion_score']:.4f}; "
-                     f"difference {proposed['score_diff']:.4f} [{proposed['score_diff_ci_low']:.4f}, "
-                     f"{proposed['score_diff_ci_high']:.4f}] ({proposed.get('method')})")
-    else:
+             f"The statistical gate passed: {proposed['reason']}.", "", *decision_numbers(proposed)]
+    if not proposed.get("champion_version"):
         lines.append("- no champion yet: this would be the first")
     lines.append(f"- gate: {gate.get('mode')}, margin {gate.get('margin')}, floors recall ≥ {gate.get('min_recall')} "
                  f"and specificity ≥ {gate.get('min_specificity')} on the {gate.get('floors_on')}")

@@ -110,12 +110,18 @@ def decision_markdown(decision: Record | None, candidates: int, tracking_uri: st
     registered = f"{name} version {version}" if version else f"{name} (not registered: dry run)"
     if ui and version:
         registered = f"[{registered}]({ui}/#/models/{name}/versions/{version})"
-    metrics, intervals = decision.get("metrics") or {}, decision.get("intervals") or {}
     lines = ["# Promotion decision", "", f"**{decision['outcome']}**: {decision['reason']}", "",
              f"- candidate: `{decision['candidate']}` → {registered}",
              f"- candidate run: {_run_link(ui, decision.get('run_id'))}",
-             f"- validation score: {_value(decision.get('validation_score'))}",
-             f"- test split: {decision.get('n_test_images')} images, {decision.get('n_test_patients')} patients; "
+             f"- validation score: {_value(decision.get('validation_score'))}", *decision_numbers(decision),
+             "", f"{candidates} candidates; see the `leaderboard` artifact."]
+    return "\n".join(lines) + "\n"
+
+
+def decision_numbers(decision: Mapping[str, Any]) -> list[str]:
+    """The test numbers a decision rests on, as Markdown bullets (the decision artifact, the approval form)."""
+    metrics, intervals = decision.get("metrics") or {}, decision.get("intervals") or {}
+    lines = [f"- test split: {decision.get('n_test_images')} images, {decision.get('n_test_patients')} patients; "
              f"threshold {_value(decision.get('threshold'))}"]
     lines += [f"- test {metric}: {with_interval(metrics[metric], intervals.get(metric))}"
               for metric in ("recall", "specificity", "roc_auc") if metric in metrics]
@@ -125,5 +131,4 @@ def decision_markdown(decision: Record | None, candidates: int, tracking_uri: st
                   f"{_value(decision.get('champion_score'))}",
                   f"- score difference: {_value(decision.get('score_diff'))} [{_value(decision.get('score_diff_ci_low'))}, "
                   f"{_value(decision.get('score_diff_ci_high'))}] ({decision.get('method')})"]
-    lines += ["", f"{candidates} candidates; see the `leaderboard` artifact."]
-    return "\n".join(lines) + "\n"
+    return lines

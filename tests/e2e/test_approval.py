@@ -160,7 +160,7 @@ def test_required_approval_pauses_and_approve_promotes_recording_the_approver(se
     # The form's text: the gate's numbers and links; nothing is registered while it waits.
     shown = _description(prefect_server, run)
     assert f"Approve dense as champion of {setup.params.registered_model}?" in shown
-    assert f"champion version {before}: score" in shown and "difference" in shown and "test recall:" in shown
+    assert f"champion version {before} on the same images: test score" in shown and "score difference: " in shown and "test recall:" in shown
     assert f"candidate run in MLflow: {setup.mlflow}/#/runs/" in shown
     assert shown.rstrip().endswith(f"/versions/{before}")  # the champion's version page
     assert setup.champion() == before
