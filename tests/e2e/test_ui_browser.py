@@ -7,6 +7,8 @@ server`` with its UI on; the page tests drive Debian's headless Chromium and sav
 
 from __future__ import annotations
 
+import json
+
 import re
 import urllib.parse
 import uuid
@@ -35,6 +37,7 @@ class Retraining:
     mlflow: str  # MLflow server (and UI) address
     prefect_ui: str  # Prefect UI address
     experiment_id: str
+    flow_run_id: str  # other tests run retrainings on the same Prefect server: artifacts are looked up by it
 
     @property
     def decision(self) -> dict[str, Any]:
@@ -64,11 +67,13 @@ def retraining(prefect_ui_process: Any, mlflow_server: Any, prefect_ui_server: A
             patch.setenv(key, value)
         patch.setenv("PNEUMO_HOME", str(tmp_path_factory.mktemp("ui-home")))
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-        result = retrain(params=params)
+        state = retrain(params=params, return_state=True)
+        result = state.result()
     assert [c["status"] for c in result["candidates"]] == ["ok"] * len(CANDIDATES)
     assert result["decision"]["version"], result["decision"]
     experiment = MlflowClient(mlflow_server.uri).get_experiment_by_name(params.experiment)
-    return Retraining(result, mlflow_server.uri, prefect_ui_server.api_url.removesuffix("/api"), experiment.experiment_id)
+    return Retraining(result, mlflow_server.uri, prefect_ui_server.api_url.removesuffix("/api"), experiment.experiment_id,
+                      str(state.state_details.flow_run_id))
 
 
 def _js_number(value: float) -> str:
@@ -91,7 +96,7 @@ def test_mlflow_keeps_models_in_the_experiment_and_real_run_durations(retraining
         run = client.get_run(run_id)
         logged = by_run.get(run_id, {})
         # Every candidate's served pyfunc and Keras network, finished, in the retraining's experiment.
-        assert set(logged) == {"serving_model", "model"}, (name, sorted(logged))
+        assert set(logged) == {f"{name}-serving", f"{name}-keras"}, (name, sorted(logged))  # named by candidate
         assert {m.model_id for m in logged.values()} == {
             run.data.tags[TAG_SERVING_MODEL].removeprefix("models:/"),
             run.data.tags[TAG_KERAS_MODEL].removeprefix("models:/")}
@@ -115,7 +120,9 @@ def test_mlflow_keeps_models_in_the_experiment_and_real_run_durations(retraining
         model = client.get_logged_model(version.source.removeprefix("models:/"))
         assert model.experiment_id == retraining.experiment_id
         assert model.source_run_id == version.run_id == retraining.decision["run_id"]
-        assert model.name == "serving_model"
+        assert model.name == f"{retraining.decision['candidate']}-serving"
+        # Linked as mlflow.register_model links it: the Models tab's "Registered models" column reads this.
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": version.name, "version": int(version.version)}]
 
 
 # ----------------------------------------------------------------------------- MLflow, in the browser
@@ -191,7 +198,9 @@ def test_prefect_artifact_pages_show_the_leaderboard_and_the_decision(retraining
     artifacts = {}
     for key in ("leaderboard", "promotion-decision"):
         found = httpx.post(f"{retraining.prefect_ui}/api/artifacts/filter",
-                           json={"artifacts": {"key": {"any_": [key]}}}, timeout=30).raise_for_status().json()
+                           json={"artifacts": {"key": {"any_": [key]},
+                                               "flow_run_id": {"any_": [retraining.flow_run_id]}}},
+                           timeout=30).raise_for_status().json()
         assert len(found) == 1, found
         artifacts[key] = found[0]["id"]
     decision = retraining.decision
