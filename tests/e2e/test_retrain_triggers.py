@@ -52,7 +52,7 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, diagnose: Callabl
     while time.monotonic() < deadline:
         if found := check():
             return found
-        time.sleep(2)
+        time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
 
 
@@ -64,9 +64,6 @@ def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing
     bucket = s3_server.make_bucket("watched")
     source = f"s3://{bucket}/kaggle"
     experiment, model_name = unique_name("watch-exp"), unique_name("watch-model")
-    local = tmp_path / "dataset"
-    generate_dataset(local, seed=5, scale=0.015, image_kind="small")
-    storage.upload_tree(local, source, endpoint_url=s3_server.endpoint_url)
 
     # The deployments as prefect.yaml defines them, pointed at this test's bucket, experiment and a tiny training.
     watch, on_new_data = api.deployment("watch-dataset/watch-dataset"), api.deployment("retrain/retrain-on-new-data")
@@ -76,6 +73,14 @@ def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing
         "source": source, "experiment": experiment, "registered_model": model_name, "candidates": ["dense"],
         "train": TRAIN, "gate": {"min_recall": 0.0}, "min_images_per_class": 1}}})
     assert on_new_data["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    # A schedule that comes due during the test: the server creates the run, the worker executes it. It is
+    # made first, so that the wait for the cron's minute overlaps the upload and the worker's start; the
+    # run cannot start before both are done (no worker polls the pool until then: it waits, Late at worst).
+    [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules",
+                          [{"schedule": {"cron": "* * * * *", "timezone": "UTC"}, "active": True}])
+    local = tmp_path / "dataset"
+    generate_dataset(local, seed=5, scale=0.015, image_kind="small")
+    storage.upload_tree(local, source, endpoint_url=s3_server.endpoint_url)
 
     worker_env = {**deployed, **s3_server.env, "PNEUMO_S3_ENDPOINT_URL": s3_server.endpoint_url,
                   "MLFLOW_TRACKING_URI": mlflow_server.uri, "PNEUMO_HOME": str(tmp_path / "worker-home"),
@@ -92,9 +97,6 @@ def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing
         return f"runs: {states}\nworker:\n{log_path.read_text(errors='replace')[-6000:]}"
 
     try:
-        # A schedule that comes due during the test: the server creates the run, the worker executes it.
-        [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules",
-                              [{"schedule": {"cron": "* * * * *", "timezone": "UTC"}, "active": True}])
         [scheduled] = _wait("scheduled watch run", lambda: [
             r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"], 180, diagnose)
         due = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
