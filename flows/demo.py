@@ -121,7 +121,8 @@ def print_summary(result: dict, params, experiment: str) -> None:  # noqa: ANN00
     from pneumo.promotion.leaderboard import format_leaderboard, leaderboard
 
     gate = params.gate
-    print("\nLeaderboard (test metrics at the tuned threshold with 95 % intervals by patient; score on validation)")
+    print("\nLeaderboard (val score selects, test score is what the gate compares; test metrics at the tuned "
+          "threshold with 95 % intervals by patient)")
     print(format_leaderboard(leaderboard(result["candidates"])))
     decision = result.get("decision") or {}
     print(f"\nGate: test recall ≥ {gate.min_recall} and specificity ≥ {gate.min_specificity} on the interval's "
@@ -130,6 +131,7 @@ def print_summary(result: dict, params, experiment: str) -> None:  # noqa: ANN00
     if not decision:
         print("Promotion: none: no candidate succeeded")
     else:
+        print(f"Selection: {decision['why_selected']}")
         print(f"Promotion: {decision['outcome']}: {decision['candidate']} → {decision['model_name']} version "
               f"{decision['version']}: {decision['reason']}")
         if decision.get("champion_version"):

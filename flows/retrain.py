@@ -34,7 +34,7 @@ from pneumo.promotion import tracking
 from pneumo.promotion.approval import (
     approval_lines, approval_markdown, approval_record, not_asked, now_iso, withhold_reason, would_promote
 )
-from pneumo.promotion.leaderboard import decision_markdown, leaderboard_records
+from pneumo.promotion.leaderboard import LEADERBOARD_LEGEND, decision_markdown, leaderboard_records
 
 # Task inputs and results stay small (URIs, manifests as records, run ids, metrics), so they
 # serialize cheaply to Dask workers and into Prefect's result store; models live in MLflow.
@@ -243,12 +243,32 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
         decision = _promote(params, parent_run_id, [c["run_id"] for c in survivors], test_manifest)
     rows = leaderboard_records(candidates, decision, params.tracking_uri)
     tracking.log_leaderboard(parent_run_id, rows, tracking_uri=params.tracking_uri)
-    create_table_artifact(rows, key="leaderboard", description="Candidates: test metrics at the tuned "
-                          "threshold; score = recall-weighted mean on validation")
+    why = (decision or {}).get("why_selected")
+    create_table_artifact(rows, key="leaderboard", description=(f"{why}. " if why else "") + LEADERBOARD_LEGEND)
     approval = "\n".join(approval_lines((decision or {}).get("approval")))
     create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri)
                              + (f"\n{approval}\n" if approval else ""), key="promotion-decision")
+    if decision and decision.get("version"):
+        try:
+            tracking.mark_registered(decision["run_id"], decision["model_name"], decision["version"],
+                                     decision["outcome"], tracking_uri=params.tracking_uri)
+        except Exception as error:  # noqa: BLE001 - a label in the runs table; the version is registered
+            logger.warning("candidate run %s not marked as registered: %s", decision["run_id"], redact(str(error)))
     return candidates, decision, rows
+
+
+# What `prefect server start` serves by default: the local (ephemeral) server of `make demo` has no UI of its own.
+LOCAL_PREFECT_UI = "http://127.0.0.1:4200"
+
+
+def _this_flow_run() -> tuple[str | None, str | None]:
+    """This flow run's name and its Prefect UI page (for the MLflow parent run), or None outside a flow run."""
+    from prefect.utilities.urls import url_for
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None, None
+    return context.flow_run.name, url_for("flow-run", obj_id=context.flow_run.id, default_base_url=LOCAL_PREFECT_UI)
 
 
 def _skipped(params: RetrainParams, ingested: Record, reason: str) -> State:
@@ -289,9 +309,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> Record:
     estimate = pipeline.check_memory(params.candidates, params.train, validated["report"]["images"], log=logger.info)
     report = {**validated["report"], "ingest": ingested["report"], "fingerprint": ingested["fingerprint"],
               "memory_estimate": estimate}
+    flow_run_name, flow_run_url = _this_flow_run()
     parent_run_id = tracking.start_retraining(
         params.tracking_uri, params.experiment, params.source, ingested["fingerprint"], params,
         data_report=report, manifest=_frame(validated["manifest"]), ingested=_frame(ingested["manifest"]),
+        run_name=tracking.retraining_run_name(flow_run_name), tags=tracking.orchestrator_tags(flow_run_name, flow_run_url),
     )
     logger.info("MLflow parent run %s on %s", parent_run_id, redact(params.tracking_uri))
 

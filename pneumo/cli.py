@@ -338,6 +338,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         print("  test " + _with_intervals(decision.evaluation.metrics, decision.record()["intervals"])
               + f" ({decision.n_test_images} images, {decision.n_test_patients} patients)")
         print(f"  {decision.reason}")
+        print(f"  why: {decision.selected_because}")
     return 0
 
 

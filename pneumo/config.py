@@ -83,6 +83,9 @@ class Settings(BaseSettings):
                               validation_alias=AliasChoices("PNEUMO_TRACKING_URI", "MLFLOW_TRACKING_URI"))
     experiment: str = "pneumonia-retraining"
     registered_model: str = Field(DEFAULT_REGISTERED_MODEL, pattern=REGISTERED_MODEL_PATTERN)
+    mlflow_ui_url: str | None = Field(
+        None, description="The MLflow UI's address for the links in Prefect artifacts and model cards; default: the "
+        "tracking server's address, or http://127.0.0.1:5000 (`mlflow ui`) for a local store.")
     s3_endpoint_url: str | None = Field(
         None, description="Explicit S3 endpoint (MinIO); AWS_ENDPOINT_URL_S3 also works.")
     parallel_candidates: int = Field(4, ge=1, le=64, description="Candidates trained at once on the local "

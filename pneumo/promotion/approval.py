@@ -11,7 +11,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pneumo.promotion.leaderboard import decision_numbers, ui_address
+from pneumo.promotion.leaderboard import decision_numbers
+from pneumo.promotion.links import mlflow_ui, run_url, version_url
 
 Record = dict[str, Any]
 Status = Literal["approved", "rejected", "timed out", "not asked"]
@@ -52,16 +53,13 @@ def withhold_reason(record: Mapping[str, Any]) -> str | None:
 
 
 def _mlflow_links(proposed: Mapping[str, Any], tracking_uri: str) -> list[str]:
-    ui = ui_address(tracking_uri)
-    if ui is None:  # a file or sqlite store has no UI to link to: name the runs instead
-        return [f"- candidate run `{proposed.get('run_id')}` of retraining `{proposed.get('parent_run_id')}` "
-                f"(tracking store {tracking_uri.split('://', 1)[0]})"]
+    ui = mlflow_ui(tracking_uri)
     # Bare addresses, not [text](url): the Prefect UI's form description drops a markdown link and all after it.
-    links = [f"- candidate run in MLflow: {ui}/#/runs/{proposed.get('run_id')}",
-             f"- the retraining: {ui}/#/runs/{proposed.get('parent_run_id')}"]
+    links = [f"- candidate run in MLflow: {run_url(ui, proposed.get('run_id'))}",
+             f"- the retraining: {run_url(ui, proposed.get('parent_run_id'))}"]
     if proposed.get("champion_version"):
         links.append(f"- current champion, version {proposed['champion_version']}: "
-                     f"{ui}/#/models/{proposed['model_name']}/versions/{proposed['champion_version']}")
+                     f"{version_url(ui, proposed['model_name'], proposed['champion_version'])}")
     return links
 
 

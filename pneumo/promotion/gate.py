@@ -30,6 +30,7 @@ ALIASES: tuple[str, ...] = (CHAMPION, PREVIOUS, CHALLENGER)
 # split's size. At real size (JPEGs of ~0.2 MB) a chunk is ~13 MB of encoded bytes.
 SCORE_CHUNK = 64
 TAG_TEST_SET = "pneumo.test_set.sha256"  # version tag: the locked test set it was promoted on
+RANK_DECIMALS = 4  # metrics are logged rounded to this (a person compares them); ranking uses the same digits
 _EPSILON = 1e-9  # scores are means of counts: equal models must compare equal despite rounding
 
 
@@ -37,10 +38,11 @@ def selection_rank(score: float | None, validation_auc: float | None) -> tuple[f
     """Sort key of a candidate, higher is better: validation score, ties to the higher validation ROC AUC.
 
     A small validation set often gives several candidates the same score; ROC AUC is threshold-free.
-    Missing or non-finite values rank last.
+    Missing or non-finite values rank last. Both are compared at :data:`RANK_DECIMALS`, the precision
+    the candidate runs log them with, so the flow, the leaderboard and the registry rank alike.
     """
     def finite(value: float | None) -> float:
-        return value if value is not None and math.isfinite(value) else -math.inf
+        return round(value, RANK_DECIMALS) if value is not None and math.isfinite(value) else -math.inf
 
     return finite(score), finite(validation_auc)
 
@@ -103,6 +105,7 @@ class Decision:
     test_change: TestSetChange | None = None  # set when the two differ
     compared_on_shared: bool = False  # the paired comparison used only the images in both splits
     withheld: str | None = None  # why a person did not sign off (approval rejected or timed out): no promotion
+    selected_because: str = ""  # one line: why this candidate was the one put to the gate (leaderboard.why_selected)
 
     @property
     def test_set_note(self) -> str:
@@ -164,6 +167,7 @@ class Decision:
             "reasons": list(self.reasons), "model_name": self.model_name, "candidate": self.candidate,
             "version": self.version, "model_uri": self.evaluation.model_uri, "run_id": self.run_id,
             "parent_run_id": self.parent_run_id, "validation_score": self.validation_score,
+            "why_selected": self.selected_because,
             "score": self.evaluation.score, "threshold": self.evaluation.threshold,
             "metrics": dict(self.evaluation.metrics),
             "intervals": {name: [i.low, i.high] for name, i in self.evaluation.intervals.items()},
@@ -251,7 +255,8 @@ def version_tags(decision: Decision, fingerprint: str) -> dict[str, str]:
         values.update({"pneumo.score_diff": comparison.diff, "pneumo.score_diff.ci_low": comparison.low,
                        "pneumo.score_diff.ci_high": comparison.high, "pneumo.p_better": comparison.p_better})
     return {
-        TAG_CANDIDATE: decision.candidate, **{key: repr(float(value)) for key, value in values.items()},
+        # Rounded as a person reads them in the version page (the exact numbers are in the audit bundle).
+        TAG_CANDIDATE: decision.candidate, **{key: f"{float(value):.4f}" for key, value in values.items()},
         "pneumo.n_test_images": str(decision.n_test_images), "pneumo.n_test_patients": str(decision.n_test_patients),
         "pneumo.gate": f"{decision.gate.mode}, margin {decision.gate.margin}, floors on {decision.gate.floors_on}",
         "pneumo.method": comparison.method if comparison else "",

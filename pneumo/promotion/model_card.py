@@ -16,6 +16,11 @@ def _metric(metrics: Mapping[str, float], key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
 
 
+def with_ci(value: float, bounds: Any = None) -> str:
+    """``0.962 [0.910, 0.990]``: the card's one rounding."""
+    return f"{value:.3f}" + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
+
+
 def _calibration(logged: str | None) -> str:
     """The calibration the served model applies, in words."""
     import json
@@ -42,12 +47,18 @@ def _approval_section(record: Mapping[str, Any], approval: Mapping[str, Any] | N
 
 def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_metrics: Mapping[str, float],
                data_report: Mapping[str, Any] | None, source: str, fingerprint: str,
-               approval: Mapping[str, Any] | None = None) -> str:
+               approval: Mapping[str, Any] | None = None, mlflow_ui: str | None = None) -> str:
     """The card as Markdown (under :data:`MAX_DESCRIPTION` characters, so it fits a version description).
 
     ``record`` is the promotion decision (``Decision.record()``); params and metrics are the candidate run's;
-    ``approval`` the sign-off record (:mod:`pneumo.promotion.approval`) when the gate required one.
+    ``approval`` the sign-off record (:mod:`pneumo.promotion.approval`) when the gate required one;
+    ``mlflow_ui`` the MLflow UI's address the runs and versions named are linked to.
     """
+    from pneumo.promotion.links import markdown_link, run_url, version_url
+
+    def run(run_id: str) -> str:
+        return markdown_link(f"`{run_id}`", run_url(mlflow_ui, run_id) if mlflow_ui else None)
+
     name, test = record["candidate"], record["metrics"]
     intervals = record.get("intervals") or {}
     gate = record.get("gate") or {}
@@ -64,7 +75,7 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
         f"- Output: probability of pneumonia, {_calibration(run_params.get('calibration'))}; "
         f"label PNEUMONIA at probability ≥ {record['threshold']:.4f} (tuned on validation for recall ≥ "
         f"{run_params.get('recall_target', '?')}).",
-        f"- Trained in candidate run `{record['run_id']}` of retraining `{record['parent_run_id']}`.",
+        f"- Trained in candidate run {run(record['run_id'])} of retraining {run(record['parent_run_id'])}.",
         "",
         "## Intended use",
         "- A screening aid that flags pediatric chest X-rays likely to show pneumonia for a clinician's review.",
@@ -83,12 +94,10 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
         "| metric | value [95 % CI] |",
         "|---|---|",
     ]
-    for metric in ("recall", "specificity", "precision", "accuracy", "f2", "roc_auc", "pr_auc"):
-        if metric in test:
-            bounds = intervals.get(metric)
-            shown = f"{test[metric]:.3f}" + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
-            lines.append(f"| {metric} | {shown} |")
+    lines += [f"| {metric} | {with_ci(test[metric], intervals.get(metric))} |"
+              for metric in ("recall", "specificity", "precision", "accuracy", "f2", "roc_auc", "pr_auc") if metric in test]
     lines += [
+        f"| score the gate compared | {with_ci(record['score'], intervals.get('selection_score'))} |",
         f"| validation selection score | {_metric(run_metrics, 'validation.selection_score')} |",
         "",
         "## Calibration",
@@ -99,6 +108,11 @@ def model_card(record: Mapping[str, Any], run_params: Mapping[str, str], run_met
         "",
         "## Promotion decision",
         f"- **{record['outcome']}**: {record['reason']}",
+        *([f"- Why this candidate: {record['why_selected']}."] if record.get("why_selected") else []),
+        *(["- Champion compared: " + markdown_link(
+            f"version {record['champion_version']}",
+            version_url(mlflow_ui, record["model_name"], record["champion_version"]) if mlflow_ui else None)]
+          if record.get("champion_version") else []),
         f"- Gate: {gate.get('mode', '?')}, margin {gate.get('margin', '?')}, floors recall ≥ "
         f"{gate.get('min_recall', '?')} and specificity ≥ {gate.get('min_specificity', '?')} on the "
         f"{gate.get('floors_on', '?')}; {record.get('n_test_images', '?')} test images, "

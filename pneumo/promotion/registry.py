@@ -21,9 +21,12 @@ from pneumo.promotion.gate import (
 )
 from pneumo.promotion.audit import record_registration, recorded_test_set
 from pneumo.promotion.lock import promotion_lock
-from pneumo.promotion.runs import ranked_candidates
+from pneumo.promotion.leaderboard import why_selected
+from pneumo.promotion.links import mlflow_ui
+from pneumo.promotion.runs import TIE_BREAK_METRIC, ranked_candidates
 from pneumo.promotion.tracking import (
-    SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, log_json, log_text
+    METRIC_DECIMALS, SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, flat_metrics,
+    log_json, log_text
 )
 from pneumo.serving.integrity import IntegrityError, load_registered, recorded_checksums
 from pneumo.serving.packaging import link_registered_version
@@ -54,7 +57,10 @@ def _aliases(client: Any, name: str) -> dict[str, str]:
 def _ensure_registered_model(client: Any, name: str) -> None:
     unless(EXISTS, lambda: client.create_registered_model(
         name, description="Pneumonia vs normal chest X-ray classifier (pyfunc: images in, "
-                          "probability + label out). Aliases: champion, previous-champion, challenger."))
+                          "probability + label out). Aliases, moved by each promotion: champion (the version "
+                          "served), challenger (the newest version that did not pass the gate) and, from the second "
+                          "promotion on, previous-champion (the version champion replaced; `pneumo rollback` "
+                          "returns to it)."))
 
 
 def _recorded(client: Any, version: Any) -> dict[str, str] | None:
@@ -144,7 +150,7 @@ def promote(
             raise PromotionError(f"champion version {current.version} cannot be compared: {error}; restore its "
                                  "files or roll back before promoting") from None
         recorded, change, shared = _test_set_against(client, current, test)
-        return Decision(
+        decision = Decision(
             model_name=model_name, candidate=best.data.tags.get(TAG_CANDIDATE, best.info.run_name),
             run_id=best.info.run_id, parent_run_id=parent_run_id, dry_run=dry_run,
             reasons=floor_reasons(gate, evaluation), validation_score=float(best.data.metrics[SCORE_METRIC]),
@@ -154,6 +160,8 @@ def promote(
             test_set_digest=test.digest(), champion_test_set_digest=recorded, test_change=change,
             compared_on_shared=shared is not None, withheld=withhold,
         )
+        decision.selected_because = why_selected(_ranked_summaries(ranked), decision.record()) or ""
+        return decision
 
     if dry_run:  # read-only: no lock, no registration
         decision = decide()
@@ -164,6 +172,13 @@ def promote(
         decision = decide()  # the champion is read under the lock: never a stale view
         _apply(client, decision, best, lease, test, approval)
     return decision
+
+
+def _ranked_summaries(ranked: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ranked candidate runs as the leaderboard's summaries (what :func:`why_selected` reads)."""
+    return [{"name": run.data.tags.get(TAG_CANDIDATE, run.info.run_name), "status": "ok",
+             "score": run.data.metrics[SCORE_METRIC], "validation": {"roc_auc": run.data.metrics.get(TIE_BREAK_METRIC)}}
+            for run in ranked]
 
 
 def _test_set_against(client: Any, champion: Any, test: TestSet) -> tuple[str | None, TestSetChange | None,
@@ -188,21 +203,29 @@ def _test_set_against(client: Any, champion: Any, test: TestSet) -> tuple[str | 
 
 
 def _card(client: Any, decision: Decision, best: Any, approval: dict[str, Any] | None) -> str:
-    """The version's model card, from the candidate run, the retraining's data report and the sign-off."""
+    """The version's model card, from the candidate run (all its numbers: ``metrics.json``), the
+    retraining's data report and the sign-off."""
+    from pneumo.promotion.model_card import model_card
+
+    report = _artifact_json(client, decision.parent_run_id, "data_report.json", "the card omits the counts")
+    saved = _artifact_json(client, decision.run_id, "metrics.json", "the card shows only its headline metrics")
+    return model_card(decision.record(), best.data.params, flat_metrics(saved) if saved else best.data.metrics,
+                      report, best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""),
+                      approval=approval, mlflow_ui=mlflow_ui(client.tracking_uri))
+
+
+def _artifact_json(client: Any, run_id: str, path: str, without: str) -> Any:
+    """A run's JSON artifact, or None (with a warning saying what is left out) when it cannot be read."""
     import json
     import tempfile
     from pathlib import Path
 
-    from pneumo.promotion.model_card import model_card
-
-    report = None
     with tempfile.TemporaryDirectory(prefix="pneumo-card-") as tmp:
         try:
-            report = json.loads(Path(client.download_artifacts(decision.parent_run_id, "data_report.json", tmp)).read_text())
-        except Exception:  # noqa: BLE001 - a retraining logged without a report still gets a card
-            log.warning("retraining %s has no data_report.json; the card omits the counts", decision.parent_run_id)
-    return model_card(decision.record(), best.data.params, best.data.metrics, report,
-                      best.data.tags.get(TAG_SOURCE, "?"), best.data.tags.get(TAG_FINGERPRINT, ""), approval=approval)
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+        except Exception:  # noqa: BLE001 - a run logged without it still gets a card
+            log.warning("run %s has no readable %s; %s", run_id, path, without)
+            return None
 
 
 def _apply(client: Any, decision: Decision, best: Any, lease: Any, test: TestSet,
@@ -317,14 +340,15 @@ def _log_decision(client: Any, decision: Decision) -> None:
             RunTag("pneumo.promotion.candidate", decision.candidate),
             RunTag("pneumo.promotion.reason", decision.reason[:5000])]
     # The selected candidate's score on the parent too: a folded runs table can sort retrainings by it.
-    metrics = [Metric("promotion.test_score", decision.evaluation.score, now, 0),
-               Metric(SCORE_METRIC, decision.validation_score, now, 0)]
+    values = {"promotion.test_score": decision.evaluation.score, SCORE_METRIC: decision.validation_score}
     if decision.champion is not None:
         tags.append(RunTag("pneumo.promotion.champion_version", decision.champion.version or ""))
-        metrics.append(Metric("promotion.champion_test_score", decision.champion.score, now, 0))
+        values["promotion.champion_test_score"] = decision.champion.score
     if (comparison := decision.comparison) is not None:
-        metrics += [Metric(f"promotion.score_diff{suffix}", value, now, 0) for suffix, value in
-                    (("", comparison.diff), (".ci_low", comparison.low), (".ci_high", comparison.high))]
+        values.update({f"promotion.score_diff{suffix}": value for suffix, value in
+                       (("", comparison.diff), (".ci_low", comparison.low), (".ci_high", comparison.high))})
+    # Rounded as the candidate runs' metrics are: what a person compares (decision.json has them exact).
+    metrics = [Metric(key, round(value, METRIC_DECIMALS), now, 0) for key, value in values.items()]
     client.log_batch(decision.parent_run_id, metrics=metrics, tags=tags)
     log_json(client, decision.parent_run_id, "decision.json", decision.record(), "promotion")
 

@@ -101,7 +101,7 @@ def test_mlflow_keeps_models_in_the_experiment_and_real_run_durations(retraining
             run.data.tags[TAG_SERVING_MODEL].removeprefix("models:/"),
             run.data.tags[TAG_KERAS_MODEL].removeprefix("models:/")}
         assert all(str(m.status).endswith("READY") for m in logged.values()), [(m.name, m.status) for m in logged.values()]
-        assert run.data.metrics[SCORE_METRIC] == pytest.approx(retraining.candidate(name)["score"])
+        assert run.data.metrics[SCORE_METRIC] == round(retraining.candidate(name)["score"], 4)  # as a person reads it
 
         # The run covers the whole task (opened before training, closed after logging), not just logging.
         run_seconds = (run.info.end_time - run.info.start_time) / 1000
@@ -177,6 +177,8 @@ def test_mlflow_pages_show_logged_models_scores_and_the_decision(retraining: Ret
         row.first.wait_for(state="visible")
         shown = " | ".join(row.all_inner_texts())
         assert candidate["name"] in shown and _js_number(score) in shown, (candidate["name"], score, shown)
+        if candidate["name"] == retraining.decision["candidate"]:  # the registered one is marked in the table
+            assert f"{candidate['name']} (registered v{retraining.decision['version']})" in shown, shown
     browser.screenshot("mlflow-runs-table-selection-score")
 
     # (c) The registered version names its source run and model; its description (the model card) the decision.
@@ -191,40 +193,125 @@ def test_mlflow_pages_show_logged_models_scores_and_the_decision(retraining: Ret
                        show=page.get_by_role("heading", name="Promotion decision"))
 
 
-# ----------------------------------------------------------------------------- Prefect, in the browser
-def test_prefect_artifact_pages_show_the_leaderboard_and_the_decision(retraining: Retraining, browser: Any) -> None:
+# ----------------------------------------------------------------------------- links between the tools (#27)
+MAX_HEADLINE_METRICS = 20  # what a candidate run shows a person; everything else is in metrics.json
+
+
+def _run_name(retraining: Retraining, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(retraining.mlflow).get_run(run_id).info.run_name
+
+
+def _artifact_page(retraining: Retraining, key: str) -> str:
     import httpx
 
-    artifacts = {}
-    for key in ("leaderboard", "promotion-decision"):
-        found = httpx.post(f"{retraining.prefect_ui}/api/artifacts/filter",
-                           json={"artifacts": {"key": {"any_": [key]},
-                                               "flow_run_id": {"any_": [retraining.flow_run_id]}}},
-                           timeout=30).raise_for_status().json()
-        assert len(found) == 1, found
-        artifacts[key] = found[0]["id"]
+    found = httpx.post(f"{retraining.prefect_ui}/api/artifacts/filter",
+                       json={"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [retraining.flow_run_id]}}},
+                       timeout=30).raise_for_status().json()
+    assert len(found) == 1, found
+    return f"{retraining.prefect_ui}/artifacts/artifact/{found[0]['id']}"
+
+
+def test_a_candidate_run_shows_its_headline_metrics_and_the_registered_one_is_marked(retraining: Retraining,
+                                                                                     browser: Any) -> None:
+    decision, ui, experiment = retraining.decision, retraining.mlflow, retraining.experiment_id
+    for candidate in retraining.result["candidates"]:
+        name = _run_name(retraining, candidate["run_id"])
+        registered = candidate["name"] == decision["candidate"]
+        assert name == (f"{candidate['name']} (registered v{decision['version']})" if registered else candidate["name"])
+        page = browser.open(f"{ui}/#/experiments/{experiment}/runs/{candidate['run_id']}", name,
+                            re.compile(r"^Metrics \(\d+\)$"))
+        _close_assistant(browser)
+        heading = page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).first.inner_text()
+        assert int(re.search(r"\d+", heading).group()) <= MAX_HEADLINE_METRICS, heading
+        for metric in (SCORE_METRIC, "test.selection_score", "test.recall.ci_low"):  # what selects, what the gate judges
+            browser.expect(metric)
+        if registered:
+            browser.screenshot("mlflow-registered-candidate-run-headline-metrics")
+
+    # The experiment's Models tab: the registered version's logged model is shown as registered, the others not.
+    page = browser.open(f"{ui}/#/experiments/{experiment}/models", "Registered models",
+                        f"{decision['candidate']}-serving")
+    _close_assistant(browser)
+    from mlflow import MlflowClient
+
+    for model in MlflowClient(ui).search_logged_models(experiment_ids=[experiment]):
+        row = page.locator(f"[row-id='{model.model_id}']")
+        row.first.wait_for(state="visible")
+        shown = " | ".join(row.all_inner_texts())
+        is_registered = model.name == f"{decision['candidate']}-serving"
+        assert (decision["model_name"] in shown and f"v{decision['version']}" in shown) == is_registered, (model.name, shown)
+    browser.screenshot("mlflow-models-tab-registered")
+
+
+def test_the_retraining_run_links_to_its_prefect_flow_run(retraining: Retraining, browser: Any) -> None:
+    from mlflow import MlflowClient
+
+    parent = MlflowClient(retraining.mlflow).get_run(retraining.decision["parent_run_id"])
+    flow_run_name = parent.data.tags["pneumo.prefect.flow_run_name"]
+    assert parent.info.run_name.startswith(f"{flow_run_name}-")  # the same name in both tools
+    page = browser.open(f"{retraining.mlflow}/#/experiments/{retraining.experiment_id}/runs/{parent.info.run_id}",
+                        parent.info.run_name, "Retraining run by Prefect flow run")
+    _close_assistant(browser)
+    url = browser.follow(page.get_by_role("link", name=flow_run_name, exact=True), flow_run_name, "Completed",
+                         shot="prefect-flow-run-from-mlflow")
+    assert url.endswith(f"/runs/flow-run/{retraining.flow_run_id}"), url
+
+
+def test_every_link_in_the_model_card_opens_its_mlflow_run(retraining: Retraining, browser: Any) -> None:
     decision = retraining.decision
+    page = browser.open(f"{retraining.mlflow}/#/models/{decision['model_name']}/versions/{decision['version']}",
+                        "Model card", "Why this candidate")
+    _close_assistant(browser)
+    card = page.locator("xpath=//h1[starts-with(normalize-space(.), 'Model card')]/..")
+    links = card.locator(f"a[href^='{retraining.mlflow}/']")
+    assert links.count() == 2, [links.nth(i).get_attribute("href") for i in range(links.count())]
+    for run_id in (decision["run_id"], decision["parent_run_id"]):
+        url = browser.follow(card.get_by_role("link", name=run_id), _run_name(retraining, run_id), run_id)
+        assert run_id in url, url
 
-    # The leaderboard: one row per candidate with its status and validation score (rounded to 4 digits).
-    page = browser.page
-    page.set_viewport_size({"width": 2400, "height": 1000})  # 13 columns: the score is the 11th
-    try:
-        browser.open(f"{retraining.prefect_ui}/artifacts/artifact/{artifacts['leaderboard']}",
-                     "leaderboard", "validation score")
-        for candidate in retraining.result["candidates"]:
-            row = page.locator("tbody tr").filter(has=page.get_by_text(candidate["name"], exact=True))
-            row.first.wait_for(state="visible")
-            shown = row.first.inner_text()
-            status = f"selected ({decision['outcome']})" if candidate["name"] == decision["candidate"] else "ok"
-            assert status in shown and _js_number(round(candidate["score"], 4)) in shown, (candidate["name"], shown)
-        browser.screenshot("prefect-leaderboard")
-    finally:
-        page.set_viewport_size({"width": 1600, "height": 1000})
 
-    # The decision: outcome and reason, the candidate, and a link to the MLflow version page.
-    browser.open(f"{retraining.prefect_ui}/artifacts/artifact/{artifacts['promotion-decision']}",
-                 "Promotion decision", decision["reason"], f"candidate: {decision['candidate']}",
-                 f"version {decision['version']}")
-    version_link = f"{retraining.mlflow}/#/models/{decision['model_name']}/versions/{decision['version']}"
-    page.locator(f"a[href='{version_link}']").first.wait_for(state="visible")
+def test_prefect_artifacts_say_why_show_both_scores_in_view_and_their_links_open_mlflow(
+        retraining: Retraining, browser: Any) -> None:
+    decision = retraining.decision
+    assert decision["why_selected"].startswith(f"{decision['candidate']} selected: ")
+
+    # The leaderboard at the default window: the why line, the score that selects beside the one the gate
+    # compared, and each row's status and MLflow run link inside the table's visible pane.
+    page = browser.open(_artifact_page(retraining, "leaderboard"), "leaderboard", decision["why_selected"],
+                        "val score (selects)", "test score (gate)")
+    table = page.locator("table").first
+    pane = table.locator("xpath=..").bounding_box()
+    for candidate in retraining.result["candidates"]:
+        row = page.locator("tbody tr").filter(has=page.get_by_text(candidate["name"], exact=True)).first
+        row.wait_for(state="visible")
+        shown = row.inner_text()
+        status = f"selected ({decision['outcome']})" if candidate["name"] == decision["candidate"] else "ok"
+        assert status in shown and f"{candidate['score']:.3f}" in shown, (candidate["name"], shown)
+        assert f"{candidate['test']['selection_score']:.3f}" in shown, (candidate["name"], shown)
+        link = row.get_by_role("link", name=candidate["run_id"][:8])
+        box = link.bounding_box()
+        assert box and pane and box["x"] + box["width"] <= pane["x"] + pane["width"], (box, pane)
+    browser.screenshot("prefect-leaderboard")
+    for candidate in retraining.result["candidates"]:
+        row = page.locator("tbody tr").filter(has=page.get_by_text(candidate["name"], exact=True)).first
+        url = browser.follow(row.get_by_role("link", name=candidate["run_id"][:8]),
+                             _run_name(retraining, candidate["run_id"]), candidate["run_id"])
+        assert candidate["run_id"] in url, url
+
+    # The decision: outcome, reason and why; each link opens the MLflow page it names.
+    page = browser.open(_artifact_page(retraining, "promotion-decision"), "Promotion decision", decision["reason"],
+                        f"why this candidate: {decision['why_selected']}", f"candidate: {decision['candidate']}")
     browser.screenshot("prefect-promotion-decision")
+    body = page.locator("article, .artifact-content, main").filter(has_text="Promotion decision").first
+    links = body.locator(f"a[href^='{retraining.mlflow}/']")
+    assert links.count() == 3, [links.nth(i).get_attribute("href") for i in range(links.count())]
+    version = f"{decision['model_name']} version {decision['version']}"
+    url = browser.follow(body.get_by_role("link", name=version), f"Version {decision['version']}", "Model card",
+                         shot="mlflow-version-from-prefect")
+    assert url.endswith(f"/models/{decision['model_name']}/versions/{decision['version']}"), url
+    for run_id in (decision["run_id"], decision["parent_run_id"]):
+        url = browser.follow(body.get_by_role("link", name=run_id[:8], exact=True), _run_name(retraining, run_id),
+                             run_id)
+        assert run_id in url, url

@@ -77,6 +77,31 @@ class Browser:
                 raise AssertionError(f"{text!r} not shown at {self.page.url} ({shot}); the page shows:\n{shown}") \
                     from error
 
+    def follow(self, link: Any, *texts: str | re.Pattern[str], shot: str | None = None) -> str:
+        """Click ``link`` (a locator) as a person would, wait until every text in ``texts`` is visible on the
+        page it opens (a new tab when the link asks for one), screenshot it as ``shot``, and come back;
+        returns the address the link led to."""
+        origin, back = self.page, self.page.url
+        target = link.first.get_attribute("target")
+        if target and target != "_self":
+            with origin.context.expect_page() as opened:
+                link.first.click()
+            self.page = opened.value
+        else:
+            link.first.click()
+        try:
+            self.page.wait_for_load_state()
+            self.expect(*texts)
+            if shot:
+                self.screenshot(shot)
+            return self.page.url
+        finally:
+            if self.page is not origin:
+                self.page.close()
+                self.page = origin
+            elif self.page.url != back:
+                self.page.goto(back)
+
     def screenshot(self, name: str, show: Any = None) -> Path:
         """Save the visible window as ``<folder>/<name>.png``, scrolled so that ``show`` (a locator) is in view."""
         if show is not None:

@@ -14,6 +14,8 @@ import pytest
 from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError, TrackingError
 from pneumo.evaluation import metrics as evaluate_metrics
+from pneumo.evaluation.calibration import brier_score, expected_calibration_error
+from pneumo.evaluation.stats import metric_intervals
 from pneumo.mlflow_client import check_tracking_server
 from pneumo.pipeline import CandidateResult
 from pneumo.promotion import tracking
@@ -47,7 +49,12 @@ def _candidate_files(out: Path, name: str, history: dict) -> tuple[dict, dict]:
     y_true = np.array([0, 0, 0, 1, 1, 1, 1, 0])
     y_prob = np.array([0.1, 0.4, 0.6, 0.7, 0.8, 0.9, 0.35, 0.2])
     threshold, _ = evaluate_metrics.tune_threshold(y_true, y_prob, 0.95)
-    metrics = evaluate_metrics.compute_metrics(y_true, y_prob, threshold)
+    metrics = {**evaluate_metrics.compute_metrics(y_true, y_prob, threshold),
+               "selection_score": evaluate_metrics.selection_score(0.75, 0.75), "ece": expected_calibration_error(
+                   y_true, y_prob), "brier": brier_score(y_true, y_prob),
+               "ece_uncalibrated": expected_calibration_error(y_true, y_prob)}
+    found = metric_intervals(y_true, y_prob, threshold, [f"p{i}" for i in range(len(y_true))], replicates=200)
+    metrics["intervals"] = {name: [interval.low, interval.high] for name, interval in found.items()}
     folder = out / name
     artifacts = {
         "confusion_matrix": evaluate_metrics.plot_confusion_matrix(metrics, folder / "confusion_matrix.png"),
@@ -76,6 +83,7 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         data_report=report, manifest=_manifest(),
     )
     metrics, artifacts = _candidate_files(tmp_path, "cnn", trained["history"])
+    intervals = metrics.pop("intervals")
 
     # Two candidates logged from two threads at once: explicit run ids keep them apart.
     children: dict[str, str] = {}
@@ -86,7 +94,8 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
             run_id = tracking.start_candidate(parent, name)
             result = CandidateResult(
                 name=name, status="ok", threshold=metrics["threshold"], threshold_reached=True, score=score,
-                validation=metrics, test=metrics, history=trained["history"], params={"epochs_run": 2},
+                validation=metrics, test=metrics, intervals={"validation": intervals, "test": intervals},
+                history=trained["history"], params={"epochs_run": 2},
                 seconds=12.5, images_per_second=40.0, artifacts={k: str(v) for k, v in artifacts.items()},
                 model=trained["model"],
             )
@@ -132,17 +141,16 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         assert params["frozen_layers"] == "0" and int(params["trainable_params"]) > 0
         assert params["image_size"] == str(IMAGE_SIZE) and params["class_weight_0"] == "1.5"
         assert params["epochs"] == "2" and params["epochs_run"] == "2"
-        # Per-epoch metrics carry their epoch as the step.
-        for key in ("loss", "val_loss", "auc", "val_auc"):
-            history = client.get_metric_history(run_id, f"history/{key}")
-            assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
-            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(trained["history"][key])
         data = run.data.metrics
+        # A small ordered set a person compares (#27 item 3), rounded to 4 digits; the rest is in metrics.json.
+        assert set(data) == {*tracking.HEADLINE, *(f"{key}.ci_{side}" for key in tracking.HEADLINE_WITH_INTERVALS
+                                                   for side in ("low", "high")),
+                             "threshold", "train_seconds", "images_per_second"} and len(data) <= 20
+        assert all(value == round(value, 4) for value in data.values()), data
         assert data["validation.selection_score"] == (0.8 if name == "cnn" else 0.6)
-        assert not {"loss", "recall", "val_recall"} & set(data)  # the curves live under history/ only
-        assert data["threshold"] == pytest.approx(metrics["threshold"])
-        for prefix in ("validation", "test"):
-            assert {f"{prefix}.{key}" for key in ("recall", "specificity", "f2", "roc_auc")} <= set(data)
+        assert data["threshold"] == pytest.approx(metrics["threshold"], abs=5e-5)
+        assert data["test.recall"] == pytest.approx(metrics["recall"], abs=5e-5)
+        assert data["test.recall.ci_low"] <= data["test.recall"] <= data["test.recall.ci_high"]
         # Measured figures are metrics (sortable in the UI), not params.
         assert data["train_seconds"] == 12.5 and data["images_per_second"] == 40.0
         files = {item.path for item in client.list_artifacts(run_id)}
@@ -152,7 +160,10 @@ def test_parent_and_children_hold_everything(mlflow_uri, unique_name, trained, t
         assert child_input.dataset.digest == FINGERPRINT[:36]
         assert {tag.value for tag in child_input.tags} == {"training"}
         stored = json.loads(Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path))).read_text())
-        assert stored["selection_score"] == data["validation.selection_score"] and stored["history"]["loss"]
+        assert stored["selection_score"] == data["validation.selection_score"]
+        for key in ("loss", "val_loss", "auc", "val_auc"):  # the per-epoch curves, in full
+            assert stored["history"][key] == pytest.approx(trained["history"][key])
+        assert {"tn", "fp", "ece_uncalibrated", "brier"} <= set(stored["test"]) and stored["intervals"]["validation"]
 
     # Both logged models load back: the Keras flavor (with a signature) and the pyfunc.
     import mlflow
