@@ -64,9 +64,13 @@ def _on(server: Any, setup_home: Path, mlflow_uri: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def setup(prefect_server: Any, mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+def setup(prefect_server: Any, mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Setup:
     """A champion (version 1) from one unattended retraining (``approval: none``, the default)."""
     from flows.retrain import retrain
+
+    if any("prefect_ui_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("prefect_ui_process")  # the UI test's server boots while this retraining runs
 
     source = tmp_path_factory.mktemp("approval-source")
     generate_dataset(source, seed=11, scale=0.015, image_kind="small")
@@ -126,7 +130,7 @@ def _wait_paused(server: Any, name: str, done: Future[Any], timeout: float = 300
         run = _run(server, name)
         if run and run["state_type"] == "PAUSED":
             return run
-        time.sleep(1)
+        time.sleep(0.25)
     pytest.fail(f"flow run {name} did not pause within {timeout:.0f} s: {_run(server, name)}")
 
 
@@ -202,11 +206,11 @@ def test_reject_registers_a_challenger_and_leaves_champion(setup: Setup, prefect
 def test_no_answer_within_the_timeout_registers_a_challenger_and_leaves_champion(setup: Setup,
                                                                                 prefect_server) -> None:
     before = setup.champion()
-    params = setup.params.model_copy(update={"gate": setup.params.gate.model_copy(update={"approval_timeout": 3})})
+    params = setup.params.model_copy(update={"gate": setup.params.gate.model_copy(update={"approval_timeout": 1})})
     done, name = _start(setup, prefect_server, params)
     state, decision = _outcome(done)
     assert state.is_completed() and decision["outcome"] == "challenger", decision
-    assert "not signed off: no approval within 3 s" in decision["reason"]
+    assert "not signed off: no approval within 1 s" in decision["reason"]
     assert setup.champion() == before
     version = setup.version(decision["version"])
     assert version.tags["pneumo.approval"].startswith("timed out by nobody at ")
