@@ -248,12 +248,6 @@ def _train_and_promote(params: RetrainParams, manifest: list[Record], parent_run
     approval = "\n".join(approval_lines((decision or {}).get("approval")))
     create_markdown_artifact(decision_markdown(decision, len(rows), params.tracking_uri)
                              + (f"\n{approval}\n" if approval else ""), key="promotion-decision")
-    if decision and decision.get("version"):
-        try:
-            tracking.mark_registered(decision["run_id"], decision["model_name"], decision["version"],
-                                     decision["outcome"], tracking_uri=params.tracking_uri)
-        except Exception as error:  # noqa: BLE001 - a label in the runs table; the version is registered
-            logger.warning("candidate run %s not marked as registered: %s", decision["run_id"], redact(str(error)))
     return candidates, decision, rows
 
 

@@ -26,7 +26,7 @@ from pneumo.promotion.links import mlflow_ui
 from pneumo.promotion.runs import TIE_BREAK_METRIC, ranked_candidates
 from pneumo.promotion.tracking import (
     METRIC_DECIMALS, SCORE_METRIC, TAG_CANDIDATE, TAG_FINGERPRINT, TAG_SERVING_MODEL, TAG_SOURCE, flat_metrics,
-    log_json, log_text
+    log_json, log_text, mark_registered
 )
 from pneumo.serving.integrity import IntegrityError, load_registered, recorded_checksums
 from pneumo.serving.packaging import link_registered_version
@@ -171,6 +171,10 @@ def promote(
     with promotion_lock(client, model_name, timeout=lock_timeout) as lease:
         decision = decide()  # the champion is read under the lock: never a stale view
         _apply(client, decision, best, lease, test, approval)
+    try:  # after the lock: a label in the runs table, not part of the promotion
+        mark_registered(client, decision.run_id, model_name, decision.version, decision.outcome)
+    except Exception as error:  # noqa: BLE001 - the version is registered; only the label is missing
+        log.warning("candidate run %s not marked as registered: %s", decision.run_id, one_line(error))
     return decision
 
 

@@ -283,11 +283,9 @@ def orchestrator_tags(flow_run_name: str | None, flow_run_url: str | None) -> di
             "mlflow.note.content": f"Retraining run by Prefect flow run [{flow_run_name}]({flow_run_url})."}
 
 
-def mark_registered(run_id: str, model_name: str, version: str | int, outcome: str, *,
-                    tracking_uri: str | None = None) -> None:
+def mark_registered(client: Any, run_id: str, model_name: str, version: str | int, outcome: str) -> None:
     """Mark the candidate run a version was registered from: ``(registered vN)`` in its name, which the runs
     table shows, and a tag for filtering (``tags.`pneumo.registered_version` != ''``)."""
-    client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     candidate = run.data.tags.get(TAG_CANDIDATE, run.info.run_name)
     client.set_tag(run_id, TAG_REGISTERED, f"{model_name} version {version} ({outcome})")

@@ -93,6 +93,7 @@ class Browser:
             self.page.wait_for_load_state()
             self.expect(*texts)
             if shot:
+                self.page.wait_for_timeout(800)  # the Prefect UI fades a page in
                 self.screenshot(shot)
             return self.page.url
         finally:

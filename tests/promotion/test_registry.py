@@ -112,6 +112,9 @@ def test_successive_retrainings_promote_reject_promote_and_roll_back(mlflow_uri,
                                          f"gate then judged its test score {decision.evaluation.score:.4f} (test "
                                          "metrics judge, they never select)")
     assert "Why this candidate: cnn selected" in client.get_model_version(name, "1").description
+    marked = client.get_run(decision.run_id)  # the runs table shows which candidate run a version came from
+    assert marked.info.run_name == "cnn (registered v1)"
+    assert marked.data.tags["pneumo.registered_version"] == f"{name} version 1 (promoted)"
     assert tags["pneumo.parent_run_id"] == first and tags["pneumo.run_id"] == decision.run_id
     assert client.get_model_version(name, "1").run_id == decision.run_id
     assert "cnn" in client.get_model_version(name, "1").description
