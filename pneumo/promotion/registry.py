@@ -29,7 +29,7 @@ from pneumo.promotion.tracking import (
     log_json, log_text, mark_registered
 )
 from pneumo.serving.integrity import IntegrityError, load_registered, recorded_checksums
-from pneumo.serving.packaging import link_registered_version
+from pneumo.serving.packaging import link_registered_version, unlink_registered_version
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +294,9 @@ class _fenced:
             self._lease.ensure_held()
             return getattr(self._client, method)(*args, **kwargs)
 
-        if method.startswith(("set_", "delete_", "create_")):
-            return fenced
-        return getattr(self._client, method)  # reads need no lock
+        found = getattr(self._client, method)
+        # Everything but reads: a write method of any name (update_, rename_, transition_) is fenced too.
+        return found if method.startswith(("get_", "search_")) or not callable(found) else fenced
 
 
 def _undo(write: _fenced, name: str, before: dict[str, str], remembered: str | None, created: Any) -> None:
@@ -331,6 +331,8 @@ def _undo(write: _fenced, name: str, before: dict[str, str], remembered: str | N
         attempt(f"tag {PREVIOUS_TAG}", restore_tag)
         if created is not None:
             attempt(f"version {created.version}", lambda: write.delete_model_version(name, str(created.version)))
+            attempt(f"the link of version {created.version}", lambda: unlink_registered_version(
+                write, created.source.removeprefix("models:/"), name, created.version))
     except PromotionError as lost:  # never undo over another holder's promotion
         log.error("%s: left the registry of %s as the new holder has it", lost, name)
 

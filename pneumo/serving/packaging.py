@@ -177,3 +177,15 @@ def link_registered_version(client: Any, logged_model_id: str, name: str, versio
     entry = {"name": name, "version": int(version)}  # a JSON number, as register_model writes it
     if entry not in links:  # idempotent: a retried promotion links once
         client.set_logged_model_tags(logged_model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links + [entry])})
+
+
+def unlink_registered_version(client: Any, logged_model_id: str, name: str, version: str | int) -> None:
+    """Undo :func:`link_registered_version` (a failed promotion deleted the version): the Models tab must not
+    show a version that no longer exists."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    existing = client.get_logged_model(logged_model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    links = json.loads(existing) if existing else []
+    kept = [link for link in links if link != {"name": name, "version": int(version)}]
+    if kept != links:
+        client.set_logged_model_tags(logged_model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(kept)})

@@ -374,6 +374,10 @@ def test_a_failure_midway_leaves_no_version_and_no_alias(mlflow_uri, unique_name
                          model_name=name)
     assert versions(mlflow_uri, name) == [] and aliases(mlflow_uri, name) == {}
     assert not client.search_registered_models(f"name = '{name}{lock.LOCK_SUFFIX}'")
+    # The deleted version is not left linked on the logged model (the Models tab would show it registered).
+    [model_id] = [m.model_id for m in client.search_logged_models(experiment_ids=[client.get_run(parent).info.experiment_id])
+                  if m.name == "cnn-serving"]
+    assert json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]")) == []
 
 
 def test_bad_promotion_inputs_are_explained(mlflow_uri, unique_name):
