@@ -268,7 +268,9 @@ def _this_flow_run() -> tuple[str | None, str | None]:
 def _skipped(params: RetrainParams, ingested: Record, reason: str) -> State:
     """End a retraining that would train nothing new: a short MLflow run, a Prefect artifact, the reason
     as the run's state message."""
-    run_id = pipeline.record_skipped(params, ingested["fingerprint"], reason, ingested["report"])
+    flow_run_name, flow_run_url = _this_flow_run()
+    run_id = pipeline.record_skipped(params, ingested["fingerprint"], reason, ingested["report"],
+                                     flow_run_name=flow_run_name, flow_run_url=flow_run_url)
     get_run_logger().info("retraining skipped: %s (MLflow run %s)", reason, run_id)
     create_markdown_artifact(f"## Retraining skipped\n\n{reason}.\n\nMLflow run `{run_id}` "
                              f"(tag `pneumo.outcome=skipped`); no candidate was trained and no version registered.",

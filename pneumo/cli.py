@@ -210,7 +210,7 @@ def _cmd_champion(args: argparse.Namespace) -> int:
 
     uri, model = _registry_target(args)
     info = champion_info(model, tracking_uri=uri)
-    if info is not None and not args.card:  # what is served: do its files still match what was registered?
+    if info is not None and not args.card and not args.no_audit:  # do the served files still match the registered?
         audit = verify_version(model, info["version"], tracking_uri=uri)
         info["audit"] = {"ok": audit.ok, "state": audit.state, "problems": audit.problems}
     if args.card and info is not None:
@@ -221,7 +221,7 @@ def _cmd_champion(args: argparse.Namespace) -> int:
         print(f"{model} has no champion yet")
     else:
         _print_champion(info)
-        print(f"  audit: {info['audit']['state']}")
+        print(f"  audit: {info['audit']['state']}" if "audit" in info else "  audit: not checked (--no-audit)")
     return 0 if info is not None else 1
 
 
@@ -446,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     champion = sub.add_parser("champion", help="show the current champion (version, metrics, threshold, run)")
     champion.add_argument("--card", action="store_true", help="print the champion's model card (Markdown)")
+    champion.add_argument("--no-audit", action="store_true", help="skip verifying the champion's files (it "
+                          "downloads the whole model; `pneumo audit` verifies on its own)")
     _add_registry_flags(champion)
     champion.set_defaults(handler=_cmd_champion)
 

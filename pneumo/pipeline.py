@@ -523,16 +523,20 @@ def skip_reason(params: RetrainParams, fingerprint: str) -> str | None:
             "set force: true to train anyway")
 
 
-def record_skipped(params: RetrainParams, fingerprint: str, reason: str, ingest_report: dict[str, Any]) -> str:
-    """A short, finished MLflow parent run for a skipped retraining (no candidates); returns its id."""
+def record_skipped(params: RetrainParams, fingerprint: str, reason: str, ingest_report: dict[str, Any], *,
+                   flow_run_name: str | None = None, flow_run_url: str | None = None) -> str:
+    """A short, finished MLflow parent run for a skipped retraining (no candidates), named after and linked
+    to its Prefect flow run when there is one; returns its id."""
     from pneumo.promotion import tracking
 
+    linked = tracking.orchestrator_tags(flow_run_name, flow_run_url)
+    # The reason as the run's description too: the MLflow UI cuts tag values short.
+    note = "\n\n".join(text for text in (reason, linked.get("mlflow.note.content")) if text)
     run_id = tracking.start_retraining(
         params.tracking_uri, params.experiment, params.source, fingerprint, params,
         data_report={"ingest": ingest_report, "fingerprint": fingerprint, "skipped": reason},
-        run_name=time.strftime("retrain-%Y%m%d-%H%M%S-skipped", time.gmtime()),
-        # The reason as the run's description too: the MLflow UI cuts tag values short.
-        tags={tracking.TAG_OUTCOME: "skipped", tracking.TAG_SKIP_REASON: reason, "mlflow.note.content": reason})
+        run_name=tracking.retraining_run_name(flow_run_name) + "-skipped",
+        tags={**linked, tracking.TAG_OUTCOME: "skipped", tracking.TAG_SKIP_REASON: reason, "mlflow.note.content": note})
     tracking.finish_retraining(run_id, status="FINISHED", tracking_uri=params.tracking_uri)
     return run_id
 

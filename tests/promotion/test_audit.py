@@ -98,6 +98,8 @@ def test_a_flipped_byte_fails_the_audit_naming_the_file_and_serving_refuses_it(c
         assert "FAILED: " in capsys.readouterr().out
         assert main(["champion", "--model", name, "--tracking-uri", uri]) == 0
         assert "audit: FAILED: " in capsys.readouterr().out
+        assert main(["champion", "--model", name, "--tracking-uri", uri, "--no-audit"]) == 0  # cheap: no download
+        assert "audit: not checked (--no-audit)" in capsys.readouterr().out
         with pytest.raises(ModelRefused, match="checksum check failed: .*changed: artifacts/model.keras"):
             load_version(name, "1")
     assert _audit(capsys, uri, name, "--version", "1")[0] == 0  # restored: clean again
