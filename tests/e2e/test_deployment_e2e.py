@@ -43,9 +43,6 @@ def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env
     from pneumo.data import storage
 
     bucket = s3_server.make_bucket("e2e")
-    local = tmp_path / "dataset"
-    generate_dataset(local, seed=11, scale=0.015, image_kind="small")
-    storage.upload_tree(local, f"s3://{bucket}/kaggle", endpoint_url=s3_server.endpoint_url)
     model_name, experiment = unique_name("e2e-model"), unique_name("e2e-exp")
 
     worker_env = {**deployed, **s3_server.env, "PNEUMO_S3_ENDPOINT_URL": s3_server.endpoint_url,
@@ -56,8 +53,12 @@ def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env
                               cwd=tmp_path, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
+        # While the worker starts (seconds): the dataset, on the bucket before any run exists.
+        local = tmp_path / "dataset"
+        generate_dataset(local, seed=11, scale=0.015, image_kind="small")
+        storage.upload_tree(local, f"s3://{bucket}/kaggle", endpoint_url=s3_server.endpoint_url)
         params = {"source": f"s3://{bucket}/kaggle", "min_images_per_class": 1,
-                  "train": {"epochs": 1, "image_size": 40, "batch_size": 16, "vgg16_weights": "none"},
+                  "train": {"epochs": 1, "image_size": 36, "batch_size": 16, "vgg16_weights": "none"},
                   "gate": {"min_recall": 0.0}, "registered_model": model_name, "experiment": experiment}
         run = subprocess.run(
             [prefect_executable(), "deployment", "run", "retrain/retrain-on-demand",
