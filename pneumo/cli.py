@@ -129,7 +129,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     from pneumo.pipeline import prepare_source
 
     config = TrainConfig(val_fraction=args.val_fraction, seed=args.seed)
-    data = prepare_source(str(args.data), Settings(), config, log=_log, progress=_progress("checking images"))
+    with _held_cache(args.data):  # a pneumo cache read in place: held while its images are checked
+        data = prepare_source(str(args.data), Settings(), config, log=_log, progress=_progress("checking images"))
     if args.csv:
         data.frame.to_csv(args.csv, index=False)
     if args.json:
@@ -152,12 +153,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model_spec(name)  # fails fast on a bad name, before data work
     config = _model_from_flags(args, TrainConfig)
     gate = _model_from_flags(args, Gate)
-    data = prepare_source(str(args.data), Settings(), config, log=_log)
-    check_memory(models, config, data.report["images"], parallel=1, log=_log)  # one candidate at a time here
-    subsets = ", ".join(f"{s} {sum(c.values())}" for s, c in data.report["subsets"].items())
-    _log(f"dataset: {subsets}; class weights {({k: round(v, 2) for k, v in data.class_weight.items()})}")
-    results = [run_candidate(name, data, config, args.out, score_weight=gate.score_weight, log=_log)
-               for name in models]
+    with _held_cache(args.data):  # a pneumo cache read in place: no sync may rewrite it while training reads
+        data = prepare_source(str(args.data), Settings(), config, log=_log)
+        check_memory(models, config, data.report["images"], parallel=1, log=_log)  # one candidate at a time here
+        subsets = ", ".join(f"{s} {sum(c.values())}" for s, c in data.report["subsets"].items())
+        _log(f"dataset: {subsets}; class weights {({k: round(v, 2) for k, v in data.class_weight.items()})}")
+        results = [run_candidate(name, data, config, args.out, score_weight=gate.score_weight, log=_log)
+                   for name in models]
     best = best_candidate(results)
     if args.json:
         _print_json({"data": data.report, "candidates": [r.summary() for r in results],

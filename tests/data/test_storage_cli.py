@@ -96,3 +96,23 @@ def test_promote_holds_the_cache_while_it_reads_the_test_files(s3_server: S3Serv
             error = _sync_elsewhere(uri, held, s3_server.endpoint_url)
             assert isinstance(error, CacheLockTimeout), (data, error)
         assert _sync_elsewhere(uri, held, s3_server.endpoint_url) is None  # released with the block
+
+
+@pytest.mark.parametrize("command", [["manifest"], ["train", "cnn", "--epochs", "1", "--data"]])
+def test_manifest_and_train_do_not_read_a_cache_while_a_sync_writes_it(command: list[str], s3_server: S3Server,
+                                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # `pneumo manifest CACHE` and `pneumo train --data CACHE` read a pneumo cache in place without its lock:
+    # a retraining's sync could rewrite the files under them. Now they wait for the writer (here: time out).
+    from pneumo.data.storage.cache import _Cache
+
+    bucket, cache = s3_server.make_bucket(), tmp_path / "cache"
+    s3_server.put_tree(bucket, TEST_SPLIT)
+    sync(f"s3://{bucket}", cache, endpoint_url=s3_server.endpoint_url)
+    monkeypatch.setenv("PNEUMO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PNEUMO_CACHE_LOCK_TIMEOUT", "0.2")
+    with _Cache.open(cache):  # a sync writing into it
+        assert main([*command, str(cache)]) == 2
+        assert f"the cache {cache} is still held by" in capsys.readouterr().err
+    assert main([*command, str(cache)]) == 2  # the writer is gone: it reads, and says the test-only split is short
+    assert "too few images" in capsys.readouterr().err
