@@ -150,7 +150,9 @@ def _encoded(item: Any, index: int, max_pixels: int) -> bytes:
     if not item:
         raise InvalidImageError(f"item {index}: empty bytes")
     if not item.startswith((JPEG_MAGIC, PNG_MAGIC)):
-        raise InvalidImageError(f"item {index}: not a JPEG or PNG image (starts with {item[:8]!r})")
+        # Say what was expected, never echo the bytes (a REST error must not hand the payload back).
+        raise InvalidImageError(f"item {index}: not a JPEG or PNG image ({len(item)} bytes; a JPEG starts with "
+                                "FF D8 FF, a PNG with 89 50 4E 47)")
     # Refuse a header that claims too many pixels before any decoder allocates them.
     claimed = header_size(item)
     if claimed is None:

@@ -256,7 +256,8 @@ def test_scoring_server_answers_invocations(scoring_server):
     # A bad item is a 400 naming it, not a 500 with a TensorFlow trace.
     status, body = _post(f"{scoring_server}/invocations",
                          {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]], ["bm90IGFuIGltYWdl"]]}})
-    assert status == 400 and "item 1: not a JPEG or PNG image" in body["message"]
+    assert status == 400 and "item 1: not a JPEG or PNG image (12 bytes;" in body["message"]
+    assert "not an image" not in body["message"]  # the payload's bytes are never echoed back
 
 
 def test_served_probability_is_the_calibrated_one(tmp_path):
