@@ -109,14 +109,29 @@ def test_dask_cluster_runs_one_candidate_per_gpu_worker(flow_env, tiny_source: P
 
     from flows.retrain import retrain
 
+    def import_training() -> int:
+        """What a candidate's task imports first (TensorFlow, Keras, MLflow)."""
+        import pneumo.pipeline  # noqa: F401
+        import pneumo.promotion.tracking  # noqa: F401
+        import pneumo.training.train  # noqa: F401
+
+        return os.getpid()
+
     # Two worker processes, each declaring one GPU: at most two candidates may run at once.
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={"GPU": 1},
                       dashboard_address=None, host="127.0.0.1") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
         worker_pids = set(client.run(os.getpid).values())
+        # Each worker imports TensorFlow while the flow ingests and validates here (no GPU resource taken,
+        # so the candidates' placement is as before); the candidates then start on warm workers.
+        warm = [client.submit(import_training, key=f"import-training-{n}", workers=[address], allow_other_workers=False)
+                for n, address in enumerate(client.scheduler_info()["workers"])]
         params = RetrainParams(source=str(tiny_source), candidates=["dense", "cnn", "cnn_deep", "vgg16"],
-                               train={**TINY_TRAIN, "vgg16_weights": "none"}, registered_model=unique_name("dask-model"),
+                               train={**TINY_TRAIN, "image_size": 36, "vgg16_weights": "none"},  # cnn_deep's least
+                               registered_model=unique_name("dask-model"),
                                experiment=unique_name("dask-exp"), tracking_uri=flow_env.uri, **TINY)
         result = retrain.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(params=params)
+        assert set(client.gather(warm)) == worker_pids
     runs = result["candidates"]
     assert [c["status"] for c in runs] == ["ok"] * 4, json.dumps(runs, default=str)[:2000]
     assert {c["pid"] for c in runs} <= worker_pids and os.getpid() not in {c["pid"] for c in runs}
