@@ -132,6 +132,9 @@ def leaderboard_records(candidates: Sequence[Record], decision: Record | None, t
             "AUC [95% CI]": _with_ci(row["auc"], row["auc 95% CI"]), "threshold": _number(row["threshold"]),
             "error": row["status"].removeprefix("failed: ")[:120] if failed else "",
         })
+    if not any(row["error"] for row in rows):  # no empty column to scroll past
+        for row in rows:
+            del row["error"]
     return rows
 
 
