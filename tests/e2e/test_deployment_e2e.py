@@ -75,7 +75,10 @@ def test_deployment_run_trains_registers_and_reports(deployed, s3_server, s3_env
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(r.data.tags.get("mlflow.runName") for r in children) == ["cnn", "cnn_deep", "dense", "vgg16"]
+    assert sorted(r.data.tags.get("pneumo.candidate") for r in children) == ["cnn", "cnn_deep", "dense", "vgg16"]
+    # The run a version came from is marked in its name, the others keep the candidate's name (#27 item 4).
+    assert sorted(r.info.run_name for r in children if r.info.run_name != r.data.tags["pneumo.candidate"]) == [
+        f"{r.data.tags['pneumo.candidate']} (registered v1)" for r in children if "pneumo.registered_version" in r.data.tags]
     champion = client.get_model_version_by_alias(model_name, "champion")
     assert champion.run_id in {r.info.run_id for r in children}
 

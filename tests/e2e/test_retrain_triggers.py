@@ -162,7 +162,9 @@ def test_unchanged_data_is_skipped_in_seconds_and_one_changed_parameter_trains(
     assert candidate_runs() == 1 and len(client.search_model_versions(f"name = '{model_name}'")) == 1
     parent = client.get_run(skipped["parent_run_id"])
     assert parent.data.tags["pneumo.outcome"] == "skipped" and parent.info.status == "FINISHED"
-    assert parent.data.tags["pneumo.skip_reason"] == parent.data.tags["mlflow.note.content"] == skipped["reason"]
+    assert parent.data.tags["pneumo.skip_reason"] == skipped["reason"]
+    # The description: the reason, then the link to the Prefect flow run (the MLflow UI renders it as Markdown).
+    assert parent.data.tags["mlflow.note.content"].startswith(skipped["reason"] + "\n\nRetraining run by Prefect flow run [")
     print(f"skipped in {seconds:.1f} s")  # the closing note quotes it; speed is not asserted
     artifacts = Api(prefect_api.api_url).call("POST", "/artifacts/filter", {"artifacts": {
         "key": {"any_": ["retraining-skipped"]}, "flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
