@@ -53,7 +53,7 @@ def test_the_table_is_narrow_with_one_rounding_the_status_and_run_link_up_front_
     assert top["recall [95% CI]"] == "0.962 [0.910, 0.990]" and top["threshold"] == "0.612"
     assert top["status"] == "selected (undecided)" and rows[1]["status"] == "ok" and top["error"] == ""
     failed = rows[3]  # a short status up front; its error (cut) in the last column
-    assert failed["status"] == "failed" and failed["MLflow run"] == "-" and failed["error"] == "x" * 120
+    assert failed["status"] == "failed" and failed["MLflow run"] == "-" and failed["error"] == "x" * 200
     assert list(failed)[-1] == "error"
     assert "error" not in leaderboard_records(CANDIDATES[:3], DECISION, UI)[0]  # no failure: no error column
     for row in rows:  # every number with 3 decimals: no 0.94 beside 0.928
