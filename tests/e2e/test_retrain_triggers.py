@@ -5,10 +5,13 @@ comes due, and a skip when nothing changed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
-from collections.abc import Callable
-from datetime import datetime
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,82 +57,6 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, diagnose: Callabl
             return found
         time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
-
-
-def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing(
-        deployed, prefect_server, s3_server, s3_env, mlflow_server, unique_name, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
-    api = Api(prefect_server.api_url)
-    bucket = s3_server.make_bucket("watched")
-    source = f"s3://{bucket}/kaggle"
-    experiment, model_name = unique_name("watch-exp"), unique_name("watch-model")
-
-    # The deployments as prefect.yaml defines them, pointed at this test's bucket, experiment and a tiny training.
-    watch, on_new_data = api.deployment("watch-dataset/watch-dataset"), api.deployment("retrain/retrain-on-new-data")
-    api.call("PATCH", f"/deployments/{watch['id']}",
-             {"parameters": {"params": {"source": source, "experiment": experiment, "settle_seconds": 1}}})
-    api.call("PATCH", f"/deployments/{on_new_data['id']}", {"parameters": {"params": {
-        "source": source, "experiment": experiment, "registered_model": model_name, "candidates": ["dense"],
-        "train": TRAIN, "gate": {"min_recall": 0.0}, "min_images_per_class": 1}}})
-    assert on_new_data["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
-    # A schedule that comes due during the test: the server creates the run, the worker executes it. It is
-    # made first, so that the wait for the cron's minute overlaps the upload and the worker's start; the
-    # run cannot start before both are done (no worker polls the pool until then: it waits, Late at worst).
-    [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules",
-                          [{"schedule": {"cron": "* * * * *", "timezone": "UTC"}, "active": True}])
-    local = tmp_path / "dataset"
-    generate_dataset(local, seed=5, scale=0.015, image_kind="small")
-    storage.upload_tree(local, source, endpoint_url=s3_server.endpoint_url)
-
-    worker_env = {**deployed, **s3_server.env, "PNEUMO_S3_ENDPOINT_URL": s3_server.endpoint_url,
-                  "MLFLOW_TRACKING_URI": mlflow_server.uri, "PNEUMO_HOME": str(tmp_path / "worker-home"),
-                  "PNEUMO_REPO_DIR": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    log_path = tmp_path / "worker.log"
-    log = log_path.open("wb")
-    worker = subprocess.Popen([prefect_executable(), "worker", "start", "--pool", "pneumo-process", "--limit", "2"],
-                              cwd=tmp_path, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-
-    def diagnose() -> str:
-        states = {name: [r["state_type"] for r in api.runs(d["id"])] for name, d in
-                  (("watch", watch), ("on-new-data", on_new_data))}
-        return f"runs: {states}\nworker:\n{log_path.read_text(errors='replace')[-6000:]}"
-
-    try:
-        [scheduled] = _wait("scheduled watch run", lambda: [
-            r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"], 180, diagnose)
-        due = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
-        assert scheduled["auto_scheduled"] and (due.second, due.microsecond) == (0, 0)  # on the cron's minute
-        api.call("DELETE", f"/deployments/{watch['id']}/schedules/{schedule['id']}")  # and its future runs
-        resource = f"pneumo.dataset.{source}"
-        [event] = _wait("pneumo.dataset.changed event", lambda: api.events("pneumo.dataset.changed", resource),
-                        60, diagnose)
-        assert event["payload"]["added"] > 0 and event["payload"]["removed"] == event["payload"]["changed"] == 0
-        assert event["payload"]["changes"]["train"]["PNEUMONIA"]["added"] > 0
-
-        finished = _wait("finished retrain-on-new-data run", lambda: [
-            r for r in api.runs(on_new_data["id"]) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")], 420,
-            diagnose)
-        assert [r["state_type"] for r in finished] == ["COMPLETED"], diagnose()
-
-        # Nothing changed since that retraining: a watch run by hand emits nothing, and no retraining starts.
-        run = prefect_cli(deployed, "deployment", "run", "watch-dataset/watch-dataset", "--watch",
-                       "--watch-timeout", "180", timeout=240)
-        assert "Completed" in run.stdout, run.stdout[-2000:]
-        time.sleep(5)  # time for a (wrong) trigger to act
-        assert len(api.events("pneumo.dataset.changed", resource)) == 1
-        assert [r["state_type"] for r in api.runs(on_new_data["id"])] == ["COMPLETED"], diagnose()
-    finally:
-        stop_process(worker)
-        log.close()
-
-    client = MlflowClient(mlflow_server.uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    parents = [r for r in runs if r.data.tags.get("pneumo.kind") == "retraining"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert client.get_model_version_by_alias(model_name, "champion").version == "1"
-    assert parents[0].data.tags["pneumo.code_version"] and parents[0].data.tags["pneumo.params_digest"]
 
 
 def test_unchanged_data_is_skipped_in_seconds_and_one_changed_parameter_trains(
@@ -242,3 +169,126 @@ def test_the_skip_finds_its_source_behind_a_newer_retraining_of_another(tmp_path
         time.sleep(0.01)  # distinct start times
     assert "nothing changed since retraining" in pipeline.skip_reason(ours, "f" * 64)
     assert pipeline.skip_reason(ours, "e" * 64) is None  # one image differs: it trains
+
+
+# ----------------------------------------------------------------------------- new images, on a schedule
+# This test waits for a cron's minute (up to 60 s), then for the watch and the retraining it triggers, on a
+# worker process. Its set-up (`watched`) runs when this module starts, when the test is collected, so that the
+# wait and those runs overlap the module's other tests; the test itself is last in the file.
+
+
+@dataclass
+class Watched:
+    """The watch and retrain-on-new-data deployments pointed at one bucket, a schedule due at ``due``, a worker."""
+
+    api: Api
+    source: str
+    experiment: str
+    model_name: str
+    watch: dict[str, Any]
+    on_new_data: dict[str, Any]
+    schedule: dict[str, Any]
+    due: datetime  # the schedule's one time in the next day: a whole minute, 20 to 80 s after it was made
+    worker: subprocess.Popen[bytes]
+    log_path: Path
+
+    def diagnose(self) -> str:
+        states = {name: [r["state_type"] for r in self.api.runs(d["id"])] for name, d in
+                  (("watch", self.watch), ("on-new-data", self.on_new_data))}
+        return f"runs: {states}\nworker:\n{self.log_path.read_text(errors='replace')[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def watched(deployed, prefect_server, s3_server, mlflow_server,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
+    api = Api(prefect_server.api_url)
+    tmp_path = tmp_path_factory.mktemp("watched")
+    bucket = s3_server.make_bucket("watched")
+    source = f"s3://{bucket}/kaggle"
+    suffix = uuid.uuid4().hex[:10]
+    experiment, model_name = f"watch-exp-{suffix}", f"watch-model-{suffix}"
+
+    # The deployments as prefect.yaml defines them, pointed at this test's bucket, experiment and a tiny training.
+    watch, on_new_data = api.deployment("watch-dataset/watch-dataset"), api.deployment("retrain/retrain-on-new-data")
+    api.call("PATCH", f"/deployments/{watch['id']}",
+             {"parameters": {"params": {"source": source, "experiment": experiment, "settle_seconds": 1}}})
+    api.call("PATCH", f"/deployments/{on_new_data['id']}", {"parameters": {"params": {
+        "source": source, "experiment": experiment, "registered_model": model_name, "candidates": ["dense"],
+        "train": TRAIN, "gate": {"min_recall": 0.0}, "min_images_per_class": 1}}})
+    # A cron schedule that comes due once during the test (one minute of the day): the server creates the run,
+    # the worker executes it. Made first, so that the wait for its minute overlaps the upload and the worker's
+    # start; the run cannot start before both are done (no worker polls the pool until then).
+    due = (datetime.now(UTC) + timedelta(seconds=20)).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    [schedule] = api.call("POST", f"/deployments/{watch['id']}/schedules", [
+        {"schedule": {"cron": f"{due.minute} {due.hour} * * *", "timezone": "UTC"}, "active": True}])
+    local = tmp_path / "dataset"
+    generate_dataset(local, seed=5, scale=0.015, image_kind="small")
+    with pytest.MonkeyPatch.context() as patch:  # what s3_env sets, for this upload only
+        for name, value in {**s3_server.env, "AWS_CONFIG_FILE": os.devnull,
+                            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+            patch.setenv(name, value)
+        storage.upload_tree(local, source, endpoint_url=s3_server.endpoint_url)
+
+    worker_env = {**deployed, **s3_server.env, "PNEUMO_S3_ENDPOINT_URL": s3_server.endpoint_url,
+                  "MLFLOW_TRACKING_URI": mlflow_server.uri, "PNEUMO_HOME": str(tmp_path / "worker-home"),
+                  "PNEUMO_REPO_DIR": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [prefect_executable(), "worker", "start", "--pool", "pneumo-process", "--limit", "2"], cwd=tmp_path,
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield Watched(api, source, experiment, model_name, watch, on_new_data, schedule, due, worker, log_path)
+    finally:
+        stop_process(worker)
+        requests.delete(f"{api.url}/deployments/{watch['id']}/schedules/{schedule['id']}", timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _watch_set_up_first(request: pytest.FixtureRequest) -> None:
+    name = "test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing"
+    if any(getattr(item, "module", None) is request.module and getattr(item, "originalname", None) == name
+           for item in request.session.items):
+        request.getfixturevalue("watched")
+
+
+def test_new_images_start_exactly_one_retraining_and_a_quiet_watch_emits_nothing(
+        watched: Watched, deployed, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    api, watch, on_new_data, diagnose = watched.api, watched.watch, watched.on_new_data, watched.diagnose
+    assert on_new_data["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    try:
+        [scheduled] = _wait("scheduled watch run", lambda: [
+            r for r in api.runs(watch["id"]) if r["state_type"] == "COMPLETED"], 180, diagnose)
+        due = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
+        assert scheduled["auto_scheduled"] and (due.second, due.microsecond) == (0, 0)  # on the cron's minute
+        assert due == watched.due
+        api.call("DELETE", f"/deployments/{watch['id']}/schedules/{watched.schedule['id']}")  # and its future runs
+        resource = f"pneumo.dataset.{watched.source}"
+        [event] = _wait("pneumo.dataset.changed event", lambda: api.events("pneumo.dataset.changed", resource),
+                        60, diagnose)
+        assert event["payload"]["added"] > 0 and event["payload"]["removed"] == event["payload"]["changed"] == 0
+        assert event["payload"]["changes"]["train"]["PNEUMONIA"]["added"] > 0
+
+        finished = _wait("finished retrain-on-new-data run", lambda: [
+            r for r in api.runs(on_new_data["id"]) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")], 420,
+            diagnose)
+        assert [r["state_type"] for r in finished] == ["COMPLETED"], diagnose()
+
+        # Nothing changed since that retraining: a watch run by hand emits nothing, and no retraining starts.
+        run = prefect_cli(deployed, "deployment", "run", "watch-dataset/watch-dataset", "--watch",
+                       "--watch-timeout", "180", timeout=240)
+        assert "Completed" in run.stdout, run.stdout[-2000:]
+        time.sleep(5)  # time for a (wrong) trigger to act
+        assert len(api.events("pneumo.dataset.changed", resource)) == 1
+        assert [r["state_type"] for r in api.runs(on_new_data["id"])] == ["COMPLETED"], diagnose()
+    finally:
+        stop_process(watched.worker)
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(watched.experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pneumo.kind") == "retraining"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert client.get_model_version_by_alias(watched.model_name, "champion").version == "1"
+    assert parents[0].data.tags["pneumo.code_version"] and parents[0].data.tags["pneumo.params_digest"]
