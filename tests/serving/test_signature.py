@@ -50,7 +50,7 @@ def test_without_a_schema_nothing_is_refused_before_predict():
         assert data is form
 
 
-def test_a_linked_version_is_tagged_as_register_model_tags_it(tmp_path):
+def test_a_linked_version_is_tagged_as_register_model_tags_it(tmp_path, monkeypatch):
     # A real (SQLite) MLflow store: mlflow.register_model's own tag is the reference format.
     import mlflow
     from mlflow import MlflowClient
@@ -59,6 +59,9 @@ def test_a_linked_version_is_tagged_as_register_model_tags_it(tmp_path):
     from pneumo.serving.packaging import link_registered_version
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # set_registry_uri also writes MLFLOW_REGISTRY_URI, and set_registry_uri(None) leaves it: every later
+    # MlflowClient in the session would read this test's registry. monkeypatch removes it at teardown.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
