@@ -92,9 +92,9 @@ def why_selected(candidates: Sequence[Any], decision: Mapping[str, Any] | None) 
         why = (f"the best-ranked candidate whose model could be evaluated (validation score {mine['score']:.4f}; "
                f"{', '.join(better)} ranked higher but could not be loaded)")
     elif tied:
-        rivals = ", ".join(f"{s['name']} {_number((s.get('validation') or {}).get('roc_auc'))}" for s in tied)
+        rivals = ", ".join(f"{s['name']} {_value((s.get('validation') or {}).get('roc_auc'))}" for s in tied)
         why = (f"highest validation score {mine['score']:.4f}, tied with {', '.join(s['name'] for s in tied)}; "
-               f"the tie goes to the higher validation ROC AUC ({_number(auc)} vs {rivals})")
+               f"the tie goes to the higher validation ROC AUC ({_value(auc)} vs {rivals})")
     else:
         runner_up = next((s for s in ranked if s is not mine), None)
         why = f"highest validation score {mine['score']:.4f}" + (

@@ -30,7 +30,7 @@ DECISION = {"candidate": "vgg16", "outcome": "undecided", "score": 0.9318, "cham
 def test_a_tie_on_validation_is_explained_by_the_auc_and_the_gate_score_is_named() -> None:
     assert why_selected(CANDIDATES, DECISION) == (
         "vgg16 selected: highest validation score 0.9820, tied with cnn; the tie goes to the higher validation ROC "
-        "AUC (0.995 vs cnn 0.990); the gate then judged its test score 0.9318 against champion version 1's 0.9368 "
+        "AUC (0.9950 vs cnn 0.9900); the gate then judged its test score 0.9318 against champion version 1's 0.9368 "
         "(test metrics judge, they never select)")
 
 
